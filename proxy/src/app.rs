@@ -1,1 +1,259 @@
-//! run
+//! Starting, reloading and stopping the proxy: what `nodeway run` does.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin;
+use crate::config::{self, LoadOptions, Problem};
+use crate::proxy::{ProxySettings, Shared};
+use crate::redirect::OriginalDst;
+use crate::telemetry::access_log::{AccessLogTarget, AccessLogger};
+
+/// Everything `nodeway run` is told. Defaults are the CLI's.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Where redirected pod connections arrive (default `127.0.0.1:15001`).
+    pub outbound_addr: SocketAddr,
+    /// Admin API, loopback by default (`127.0.0.1:15000`).
+    pub admin_addr: SocketAddr,
+    /// Prometheus endpoint (`0.0.0.0:15020`); served from the metrics issue on.
+    pub metrics_addr: SocketAddr,
+    pub access_log: AccessLogTarget,
+    /// This node's name, for locality (`--node`).
+    pub node: Option<String>,
+    /// Longest wait for in-flight requests on SIGTERM/SIGINT (default 5 s).
+    pub drain_timeout: Duration,
+    /// How often the config file is checked for changes (default 1 s).
+    pub config_poll_interval: Duration,
+    pub load: LoadOptions,
+    pub settings: ProxySettings,
+}
+
+impl RunOptions {
+    pub fn new(config: PathBuf) -> Self {
+        RunOptions {
+            config,
+            outbound_addr: SocketAddr::from(([127, 0, 0, 1], 15001)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            access_log: AccessLogTarget::Stdout,
+            node: None,
+            drain_timeout: Duration::from_secs(5),
+            config_poll_interval: Duration::from_secs(1),
+            load: LoadOptions::default(),
+            settings: ProxySettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration {path} has {} problem(s):\n{}", .problems.len(), render_problems(.problems))]
+    Config {
+        path: String,
+        problems: Vec<Problem>,
+    },
+    #[error("cannot listen on {addr} for the {what}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open access log {path}: {source}")]
+    AccessLog {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+pub fn render_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Outcome of the latest configuration (re)load, for the admin API.
+#[derive(Debug, Default)]
+pub struct ConfigStatus {
+    /// Increases with every configuration installed (1 = the initial one).
+    pub generation: AtomicU64,
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// A running proxy.
+pub struct Running {
+    pub outbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub status: Arc<ConfigStatus>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    drain_timeout: Duration,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish for up to the drain
+    /// timeout, and returns whether everything finished in time.
+    pub async fn shutdown(self) -> bool {
+        self.shutdown.cancel();
+        self.connections.close();
+        let drained = tokio::time::timeout(self.drain_timeout, self.connections.wait())
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached with requests in flight");
+        }
+        drained
+    }
+}
+
+/// Loads the configuration, binds the listeners and starts serving.
+pub async fn start(
+    opts: RunOptions,
+    original_dst: Arc<dyn OriginalDst>,
+) -> Result<Running, StartError> {
+    let mut load_opts = opts.load.clone();
+    load_opts.node_name = opts.node.clone();
+    let loaded = load(&opts.config, &load_opts)?;
+    let logger = AccessLogger::start(&opts.access_log).map_err(|source| StartError::AccessLog {
+        path: format!("{:?}", opts.access_log),
+        source,
+    })?;
+    let shared = Arc::new(Shared::new(
+        loaded,
+        logger,
+        opts.settings.clone(),
+        original_dst,
+    ));
+    let status = Arc::new(ConfigStatus::default());
+    status.generation.store(1, Ordering::Relaxed);
+
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let outbound = bind("outbound listener", opts.outbound_addr).await?;
+    let admin_listener = bind("admin API", opts.admin_addr).await?;
+    let outbound_addr = outbound.local_addr().expect("bound");
+    let admin_addr = admin_listener.local_addr().expect("bound");
+
+    let shutdown = CancellationToken::new();
+    let connections = TaskTracker::new();
+    tokio::spawn(crate::proxy::serve_outbound(
+        outbound,
+        shared.clone(),
+        shutdown.clone(),
+        connections.clone(),
+    ));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        shared.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(watch_config(
+        opts.config.clone(),
+        load_opts,
+        opts.config_poll_interval,
+        shared.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(%outbound_addr, %admin_addr, config = %opts.config.display(), "nodeway started");
+    Ok(Running {
+        outbound_addr,
+        admin_addr,
+        shared,
+        status,
+        shutdown,
+        connections,
+        drain_timeout: opts.drain_timeout,
+    })
+}
+
+fn load(path: &std::path::Path, opts: &LoadOptions) -> Result<crate::state::Snapshot, StartError> {
+    match config::load_file(path, opts) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(loaded.snapshot)
+        }
+        Err(problems) => Err(StartError::Config {
+            path: path.display().to_string(),
+            problems,
+        }),
+    }
+}
+
+/// Polls the file (robust to editors and ConfigMap symlink swaps, unlike
+/// inotify) and installs each new valid version; a bad one is logged and the
+/// last good configuration stays.
+async fn watch_config(
+    path: PathBuf,
+    opts: LoadOptions,
+    every: Duration,
+    shared: Arc<Shared>,
+    status: Arc<ConfigStatus>,
+    shutdown: CancellationToken,
+) {
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let current = match tokio::fs::read(&path).await {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::warn!(path = %path.display(), %err, "cannot read config file; keeping the last good configuration");
+                continue;
+            }
+        };
+        if last.as_deref() == Some(current.as_slice()) {
+            continue;
+        }
+        last = Some(current);
+        match load(&path, &opts) {
+            Ok(snapshot) => {
+                shared.install(snapshot);
+                let generation = status.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                *status.last_error.lock().expect("status lock") = None;
+                tracing::info!(generation, "configuration reloaded");
+            }
+            Err(err) => {
+                tracing::error!("{err}\nkeeping the last good configuration");
+                *status.last_error.lock().expect("status lock") = Some(err.to_string());
+            }
+        }
+    }
+}
+
+/// `nodeway run`: start, wait for SIGTERM/SIGINT, drain, return.
+pub async fn run(opts: RunOptions) -> Result<(), StartError> {
+    let running = start(opts, Arc::new(crate::redirect::SoOriginalDst)).await?;
+    wait_for_signal().await;
+    tracing::info!("signal received; draining");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,1 +1,231 @@
-fn main() {}
+//! `cargo xtask …`: project automation with nothing but std.
+//!
+//! - `setup`: installs what the project needs beyond the Rust toolchain (idempotent).
+//! - `demo [--once]`: builds, starts three mock upstreams and Nodeway with
+//!   `deploy/examples/local.yaml`, sends requests as the example client pod.
+//! - `test`: the whole test suite, as CI runs it.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("demo") => demo(args.iter().any(|a| a == "--once")),
+        Some("test") => setup().and_then(|_| test()),
+        _ => {
+            eprintln!("usage: cargo xtask <setup|demo [--once]|test>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result {
+    eprintln!("+ {cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed: {status}"))
+    }
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs missing tools: `curl` (demo), `cargo-nextest` (test runner).
+fn setup() -> Result {
+    if !have("curl") {
+        apt_install(&["curl"])?;
+    }
+    if !have("cargo-nextest") {
+        run(Command::new("cargo").args(["install", "--locked", "cargo-nextest"]))?;
+    }
+    Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> Result {
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn test() -> Result {
+    let root = root();
+    run(Command::new("cargo")
+        .args(["fmt", "--all", "--", "--check"])
+        .current_dir(&root))?;
+    run(Command::new("cargo")
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(&root))?;
+    run(Command::new("cargo")
+        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .current_dir(&root))?;
+    // The README's main job must work as written.
+    demo(true)
+}
+
+struct KillOnDrop(Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Endpoints of `deploy/examples/local.yaml`, served by the mock upstream.
+const ENDPOINTS: [(&str, &str); 3] = [
+    ("127.0.0.11:8080", "mock-server-v1-a"),
+    ("127.0.0.12:8080", "mock-server-v1-b"),
+    ("127.0.0.13:8080", "mock-server-v2"),
+];
+/// Source address of the example client pod `sleep`.
+const CLIENT_IP: &str = "127.0.1.5";
+
+fn demo(once: bool) -> Result {
+    let root = root();
+    run(Command::new("cargo")
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "nodeway",
+            "-p",
+            "nodeway-tests",
+            "--bins",
+        ])
+        .current_dir(&root))?;
+    let bin = root.join("target/debug");
+    let mut mocks = Vec::new();
+    for (addr, name) in ENDPOINTS {
+        mocks.push(KillOnDrop(
+            Command::new(bin.join("mock-upstream"))
+                .args(["--listen", addr, "--name", name])
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("mock-upstream: {e}"))?,
+        ));
+    }
+    let config = root.join("deploy/examples/local.yaml");
+    let proxy = KillOnDrop(
+        Command::new(bin.join("nodeway"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .args([
+                "--access-log",
+                "stdout",
+                "--node",
+                "node-a",
+                "--log-level",
+                "warn",
+            ])
+            .spawn()
+            .map_err(|e| format!("nodeway: {e}"))?,
+    );
+    wait_for_port("127.0.0.1:15001", Duration::from_secs(10))?;
+    for (addr, _) in ENDPOINTS {
+        wait_for_port(addr, Duration::from_secs(10))?;
+    }
+    eprintln!("\n== Nodeway is running; requests from the example client pod ({CLIENT_IP}) ==");
+    let requests = [
+        "http://mock-server/status/200",
+        "http://mock-server.default.svc.cluster.local/status/503",
+        "http://mock-server/delay/5000",
+    ];
+    let mut failures = 0;
+    for url in requests {
+        eprintln!("\n$ curl -sS --interface {CLIENT_IP} -x http://127.0.0.1:15001 {url}");
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}\n",
+                "--interface",
+                CLIENT_IP,
+                "-x",
+                "http://127.0.0.1:15001",
+                url,
+            ])
+            .output()
+            .map_err(|e| format!("curl: {e}"))?;
+        let code = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        eprintln!("HTTP {code}");
+        let expected = match url {
+            u if u.ends_with("/status/200") => "200",
+            u if u.ends_with("/status/503") => "503",
+            _ => "504",
+        };
+        if code != expected {
+            eprintln!("expected HTTP {expected}");
+            failures += 1;
+        }
+    }
+    sleep(Duration::from_millis(200));
+    if failures > 0 {
+        return Err(format!(
+            "{failures} demo request(s) did not get the expected status"
+        ));
+    }
+    if once {
+        drop(proxy);
+        drop(mocks);
+        eprintln!("\ndemo ok");
+        return Ok(());
+    }
+    eprintln!(
+        "\nTry more, e.g.: curl --interface {CLIENT_IP} -x http://127.0.0.1:15001 http://mock-server/status/200"
+    );
+    eprintln!("Admin: curl http://127.0.0.1:15000/config_dump — press Ctrl-C to stop.");
+    let mut proxy = proxy;
+    let _ = proxy.0.wait();
+    Ok(())
+}
+
+fn wait_for_port(addr: &str, within: Duration) -> Result {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        sleep(Duration::from_millis(50));
+    }
+    Err(format!("{addr} did not start listening within {within:?}"))
+}

@@ -1,1 +1,33 @@
-//! redirect
+//! Where a redirected connection was originally going.
+//!
+//! The eBPF data path (later) answers `SO_ORIGINAL_DST` from its map; until
+//! then the same socket option also works for iptables `REDIRECT`. The proxy
+//! only sees this trait, so tests can supply destinations directly.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
+
+pub trait OriginalDst: Send + Sync + 'static {
+    /// The destination the client dialled, if the connection was redirected.
+    fn original_dst(&self, stream: &TcpStream) -> Option<SocketAddr>;
+}
+
+/// Reads `SO_ORIGINAL_DST`; a connection made straight to the listener has none.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SoOriginalDst;
+
+impl OriginalDst for SoOriginalDst {
+    fn original_dst(&self, stream: &TcpStream) -> Option<SocketAddr> {
+        let sock = socket2::SockRef::from(stream);
+        let local = stream.local_addr().ok()?;
+        let dst = if local.is_ipv4() {
+            sock.original_dst_v4()
+        } else {
+            sock.original_dst_v6()
+        };
+        let dst = dst.ok()?.as_socket()?;
+        // Without a redirect the kernel reports the listener itself (or fails).
+        (dst != local).then_some(dst)
+    }
+}

@@ -1,2 +1,4 @@
-//! Connection pools, retries, timeouts (outlier detection and breakers come with the resilience issue).
+//! Connection pools, retries and timeouts (breakers and outlier detection come with the resilience issue).
+
+pub mod pool;
 pub mod retry;

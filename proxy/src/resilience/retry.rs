@@ -24,7 +24,9 @@ pub struct RetryOn {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a valid retryOn condition (expected one of {VALID_CONDITIONS} or an HTTP status code)")]
+#[error(
+    "{0:?} is not a valid retryOn condition (expected one of {VALID_CONDITIONS} or an HTTP status code)"
+)]
 pub struct InvalidRetryOn(pub String);
 
 const VALID_CONDITIONS: &str = "5xx, gateway-error, reset, connect-failure, retriable-4xx, refused-stream, \
@@ -178,11 +180,18 @@ mod tests {
 
     #[test]
     fn parses_envoy_conditions_and_bare_codes() {
-        let on: RetryOn = "connect-failure, refused-stream,unavailable,cancelled,503".parse().unwrap();
-        assert!(on.connect_failure && on.refused_stream && on.grpc_unavailable && on.grpc_cancelled);
+        let on: RetryOn = "connect-failure, refused-stream,unavailable,cancelled,503"
+            .parse()
+            .unwrap();
+        assert!(
+            on.connect_failure && on.refused_stream && on.grpc_unavailable && on.grpc_cancelled
+        );
         assert!(on.retries_status(503));
         assert!(!on.retries_status(500));
-        assert_eq!(on.to_string(), "connect-failure,refused-stream,retriable-status-codes,cancelled,unavailable,503");
+        assert_eq!(
+            on.to_string(),
+            "connect-failure,refused-stream,retriable-status-codes,cancelled,unavailable,503"
+        );
     }
 
     #[test]

@@ -217,7 +217,11 @@ pub enum SimpleLb {
 #[derive(Debug, Clone)]
 pub enum ConsistentHashKey {
     HttpHeaderName(String),
-    HttpCookie { name: String, path: Option<String>, ttl: Option<Duration> },
+    HttpCookie {
+        name: String,
+        path: Option<String>,
+        ttl: Option<Duration>,
+    },
     UseSourceIp,
     HttpQueryParameterName(String),
 }
@@ -225,7 +229,10 @@ pub enum ConsistentHashKey {
 #[derive(Debug, Clone)]
 pub enum LbPolicy {
     Simple(SimpleLb),
-    ConsistentHash { key: ConsistentHashKey, minimum_ring_size: Option<u64> },
+    ConsistentHash {
+        key: ConsistentHashKey,
+        minimum_ring_size: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -320,3 +327,6 @@ pub struct RetryPolicy {
     pub retry_on: RetryOn,
     pub retry_remote_localities: bool,
 }
+
+mod build;
+pub use build::{build, resolve_short_name};

@@ -1,0 +1,413 @@
+//! Request and response bodies of proxied HTTP exchanges.
+//!
+//! [`RequestBody`] streams the client's body upstream while keeping a bounded
+//! copy, so a retry can replay it; past the limit the request simply stops
+//! being retryable (Envoy does the same with its request buffer).
+//! [`ResponseBody`] streams the upstream body downstream, counts bytes, and
+//! writes the access log line exactly once when the exchange ends.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use crate::resilience::pool::PoolReturn;
+use crate::telemetry::ResponseFlag;
+use crate::telemetry::access_log::{AccessLogEntry, AccessLogger};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Largest request body kept for replay on retry.
+pub const REPLAY_BUFFER_LIMIT: usize = 64 * 1024;
+
+struct ReplayState {
+    source: Incoming,
+    buffered: Vec<Bytes>,
+    buffered_len: usize,
+    overflowed: bool,
+    source_done: bool,
+    trailers: Option<HeaderMap>,
+    bytes_received: u64,
+    completed_at: Option<Instant>,
+}
+
+/// The request body as seen by one upstream attempt.
+pub struct RequestBody {
+    shared: Option<Arc<Mutex<ReplayState>>>,
+    exact_len: Option<u64>,
+    next_buffered: usize,
+    sent_trailers: bool,
+}
+
+impl RequestBody {
+    pub fn empty() -> Self {
+        RequestBody {
+            shared: None,
+            exact_len: Some(0),
+            next_buffered: 0,
+            sent_trailers: false,
+        }
+    }
+
+    /// Wraps the client's body; bodiless requests cost nothing.
+    pub fn new(incoming: Incoming) -> Self {
+        if incoming.is_end_stream() {
+            return Self::empty();
+        }
+        let exact_len = incoming.size_hint().exact();
+        RequestBody {
+            shared: Some(Arc::new(Mutex::new(ReplayState {
+                source: incoming,
+                buffered: Vec::new(),
+                buffered_len: 0,
+                overflowed: false,
+                source_done: false,
+                trailers: None,
+                bytes_received: 0,
+                completed_at: None,
+            }))),
+            exact_len,
+            next_buffered: 0,
+            sent_trailers: false,
+        }
+    }
+
+    /// A fresh body for another attempt: what was read so far, then the rest.
+    pub fn replay(&self) -> Self {
+        RequestBody {
+            shared: self.shared.clone(),
+            exact_len: self.exact_len,
+            next_buffered: 0,
+            sent_trailers: false,
+        }
+    }
+
+    /// Whether a retry can still send the complete body.
+    pub fn can_replay(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_none_or(|s| !s.lock().expect("body lock").overflowed)
+    }
+
+    /// Reads whatever body bytes have already arrived (up to the replay limit)
+    /// without waiting for more; used before a local reply.
+    pub async fn drain_available(&self) {
+        use http_body_util::BodyExt;
+        let mut body = self.replay();
+        let mut read = 0;
+        while read < REPLAY_BUFFER_LIMIT {
+            match tokio::time::timeout(std::time::Duration::ZERO, body.frame()).await {
+                Ok(Some(Ok(frame))) => read += frame.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+    }
+
+    /// Body bytes read from the client so far, and when the last one came.
+    pub fn received(&self) -> (u64, Option<Instant>) {
+        match &self.shared {
+            None => (0, None),
+            Some(s) => {
+                let s = s.lock().expect("body lock");
+                (s.bytes_received, s.completed_at)
+            }
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Some(shared) = &this.shared else {
+            return Poll::Ready(None);
+        };
+        let mut st = shared.lock().expect("body lock");
+        if this.next_buffered < st.buffered.len() {
+            let chunk = st.buffered[this.next_buffered].clone();
+            this.next_buffered += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if st.source_done {
+            if !this.sent_trailers {
+                this.sent_trailers = true;
+                if let Some(t) = &st.trailers {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t.clone()))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        let frame = ready!(Pin::new(&mut st.source).poll_frame(cx));
+        match frame {
+            None => {
+                st.source_done = true;
+                st.completed_at = Some(Instant::now());
+                this.sent_trailers = true;
+                Poll::Ready(None)
+            }
+            Some(Err(err)) => Poll::Ready(Some(Err(err))),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    st.bytes_received += data.len() as u64;
+                    if !st.overflowed {
+                        if st.buffered_len + data.len() <= REPLAY_BUFFER_LIMIT {
+                            st.buffered_len += data.len();
+                            st.buffered.push(data.clone());
+                        } else {
+                            st.overflowed = true;
+                            st.buffered = Vec::new();
+                        }
+                    }
+                    this.next_buffered = st.buffered.len();
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    st.trailers = Some(trailers.clone());
+                    st.source_done = true;
+                    st.completed_at = Some(Instant::now());
+                    this.sent_trailers = true;
+                }
+                if st.source.is_end_stream() && !st.source_done {
+                    st.source_done = true;
+                    st.completed_at = Some(Instant::now());
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.shared.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.exact_len.map(SizeHint::with_exact).unwrap_or_default()
+    }
+}
+
+/// Finishes the access log line of one exchange; logs `DC` if dropped early.
+pub struct Exchange {
+    pub entry: AccessLogEntry,
+    pub started: Instant,
+    pub logger: AccessLogger,
+    pub request_body: Option<RequestBody>,
+    pub done: bool,
+}
+
+impl Exchange {
+    pub fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let now = Instant::now();
+        self.entry.duration = now - self.started;
+        if let Some(body) = &self.request_body {
+            let (bytes, completed) = body.received();
+            self.entry.bytes_received = bytes;
+            self.entry.request_duration = completed.map(|t| t - self.started);
+        }
+        if self.entry.request_duration.is_none() {
+            self.entry.request_duration = Some(std::time::Duration::ZERO);
+        }
+        self.logger.log(self.entry.clone());
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if !self.done {
+            // The client went away before the exchange completed.
+            self.entry
+                .response_flags
+                .set(ResponseFlag::DownstreamConnectionTermination);
+            if self.entry.response_code_details.is_none() || self.entry.response_code == 0 {
+                self.entry.response_code_details = Some("downstream_remote_disconnect".into());
+            }
+            self.finish();
+        }
+    }
+}
+
+enum Source {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+/// The response body sent downstream.
+pub struct ResponseBody {
+    source: Source,
+    exchange: Option<Box<Exchange>>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    pool_return: Option<PoolReturn>,
+}
+
+impl ResponseBody {
+    pub fn upstream(
+        body: Incoming,
+        exchange: Box<Exchange>,
+        deadline: Option<Pin<Box<Sleep>>>,
+        pool_return: Option<PoolReturn>,
+    ) -> Self {
+        let mut this = ResponseBody {
+            source: Source::Upstream(body),
+            exchange: Some(exchange),
+            deadline,
+            pool_return,
+        };
+        if let Source::Upstream(b) = &this.source {
+            if b.is_end_stream() {
+                this.complete();
+            }
+        }
+        this
+    }
+
+    /// A body generated by the proxy; logs when sent.
+    pub fn local(bytes: Bytes, exchange: Option<Box<Exchange>>) -> Self {
+        let mut this = ResponseBody {
+            source: Source::Local((!bytes.is_empty()).then_some(bytes)),
+            exchange,
+            deadline: None,
+            pool_return: None,
+        };
+        if matches!(this.source, Source::Local(None)) {
+            this.complete();
+        }
+        this
+    }
+
+    /// A body for a response whose logging happens elsewhere (upgrades).
+    pub fn empty() -> Self {
+        ResponseBody {
+            source: Source::Local(None),
+            exchange: None,
+            deadline: None,
+            pool_return: None,
+        }
+    }
+
+    fn complete(&mut self) {
+        if let Some(mut ex) = self.exchange.take() {
+            ex.finish();
+        }
+        if let Some(ret) = self.pool_return.take() {
+            ret.give_back();
+        }
+    }
+
+    fn fail(&mut self, flag: ResponseFlag, details: &str) {
+        self.pool_return = None;
+        if let Some(mut ex) = self.exchange.take() {
+            ex.entry.response_flags.set(flag);
+            ex.entry.response_code_details = Some(details.to_string());
+            ex.finish();
+        }
+    }
+
+    fn count(&mut self, frame: &Frame<Bytes>) {
+        if let Some(ex) = self.exchange.as_mut() {
+            if let Some(data) = frame.data_ref() {
+                ex.entry.bytes_sent += data.len() as u64;
+            } else if let Some(trailers) = frame.trailers_ref() {
+                if let Some(code) = grpc_status(trailers) {
+                    ex.entry.grpc_status = Some(code);
+                }
+            }
+        }
+    }
+}
+
+/// `grpc-status` of a header or trailer block.
+pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BodyAbort(&'static str);
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(deadline) = this.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                this.deadline = None;
+                this.fail(ResponseFlag::UpstreamRequestTimeout, "response_timeout");
+                return Poll::Ready(Some(Err(Box::new(BodyAbort("upstream response timeout")))));
+            }
+        }
+        match &mut this.source {
+            Source::Local(bytes) => {
+                let Some(b) = bytes.take() else {
+                    return Poll::Ready(None);
+                };
+                if let Some(ex) = this.exchange.as_mut() {
+                    ex.entry.bytes_sent += b.len() as u64;
+                }
+                this.complete();
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+            Source::Upstream(body) => {
+                let polled = ready!(Pin::new(&mut *body).poll_frame(cx));
+                let ended = body.is_end_stream();
+                match polled {
+                    None => {
+                        this.complete();
+                        Poll::Ready(None)
+                    }
+                    Some(Ok(frame)) => {
+                        this.count(&frame);
+                        if ended || frame.is_trailers() {
+                            this.complete();
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Some(Err(err)) => {
+                        tracing::debug!(%err, "upstream response body failed");
+                        this.fail(
+                            ResponseFlag::UpstreamProtocolError,
+                            "upstream_reset_after_response_started{protocol_error}",
+                        );
+                        Poll::Ready(Some(Err(Box::new(err))))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.source {
+            Source::Local(b) => b.is_none(),
+            Source::Upstream(_) => self.exchange.is_none() && self.pool_return.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Source::Upstream(body) => body.size_hint(),
+        }
+    }
+}

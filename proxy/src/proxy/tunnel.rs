@@ -1,0 +1,37 @@
+//! HTTP/1.1 Upgrade (WebSocket and friends): after `101`, bytes flow both
+//! ways untouched; the access log line is written when the tunnel closes.
+
+use std::sync::Arc;
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::Shared;
+use super::body::Exchange;
+
+pub async fn splice_upgrade(
+    downstream: OnUpgrade,
+    upstream: OnUpgrade,
+    mut exchange: Box<Exchange>,
+    _shared: Arc<Shared>,
+) {
+    let (down, up) = match tokio::try_join!(downstream, upstream) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::debug!(%err, "upgrade failed");
+            exchange.finish();
+            return;
+        }
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        Ok((from_client, from_upstream)) => {
+            exchange.entry.bytes_received = from_client;
+            exchange.entry.bytes_sent = from_upstream;
+        }
+        Err(err) => tracing::debug!(%err, "upgraded connection ended with an error"),
+    }
+    exchange.request_body = None;
+    exchange.finish();
+}

@@ -1,0 +1,300 @@
+//! Starts Nodeway in-process on loopback with a generated configuration,
+//! plus mock upstreams, and reads its access log.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use nodeway::app::{self, RunOptions, Running};
+use nodeway::redirect::OriginalDst;
+use nodeway::telemetry::access_log::AccessLogTarget;
+use nodeway_tests::access_log::AccessLog;
+use nodeway_tests::mock::{MockOptions, MockUpstream};
+use serde_json::{Map, Value};
+
+/// Source address of the client pod `sleep` in every generated config.
+pub const CLIENT_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, 5));
+pub const AUTHORITY: &str = "mock.default.svc.cluster.local:8080";
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "nodeway-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Config pieces for the `mock` Service.
+pub struct MeshConfig {
+    /// Endpoint addresses of Service `mock` port 8080.
+    pub endpoints: Vec<SocketAddr>,
+    /// Service port name (decides the protocol: `web` is sniffed).
+    pub port_name: String,
+    /// VirtualService `spec.http[0]` body after `- name: primary` (YAML, indented 4), or None for no VirtualService.
+    pub route_yaml: Option<String>,
+    /// Extra YAML documents appended.
+    pub extra: String,
+}
+
+impl MeshConfig {
+    pub fn new(endpoints: Vec<SocketAddr>) -> Self {
+        MeshConfig {
+            endpoints,
+            port_name: "web".into(),
+            route_yaml: None,
+            extra: String::new(),
+        }
+    }
+
+    /// A VirtualService route with the given timeout and retries.
+    pub fn with_route(mut self, timeout: &str, attempts: u32, retry_on: &str) -> Self {
+        self.route_yaml = Some(format!(
+            "    timeout: {timeout}\n    retries:\n      attempts: {attempts}\n      retryOn: {retry_on}\n"
+        ));
+        self
+    }
+
+    pub fn render(&self) -> String {
+        let mut y = String::from(
+            r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: default
+  labels:
+    nodeway.io/redirect: enabled
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: sleep-5d9c7b8f6-abcde
+  namespace: default
+  labels: {app: sleep, pod-template-hash: 5d9c7b8f6}
+  ownerReferences:
+  - {apiVersion: apps/v1, kind: ReplicaSet, name: sleep-5d9c7b8f6, uid: "1"}
+spec:
+  containers: [{name: sleep, image: curl}]
+status:
+  podIP: 127.0.1.5
+  podIPs: [{ip: 127.0.1.5}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mock, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports:
+"#,
+        );
+        y.push_str(&format!(
+            "  - {{name: {}, port: 8080, targetPort: 8080}}\n",
+            self.port_name
+        ));
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            y.push_str(&format!(
+                r#"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: mock-{i}
+  namespace: default
+  labels: {{kubernetes.io/service-name: mock}}
+addressType: IPv4
+ports: [{{name: {name}, port: {port}}}]
+endpoints:
+- addresses: ["{ip}"]
+  conditions: {{ready: true}}
+"#,
+                name = self.port_name,
+                port = ep.port(),
+                ip = ep.ip()
+            ));
+        }
+        if let Some(route) = &self.route_yaml {
+            y.push_str(
+                "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: mock, namespace: default}\nspec:\n  hosts: [mock]\n  http:\n  - name: primary\n    route:\n    - destination: {host: mock}\n",
+            );
+            y.push_str(route);
+        }
+        y.push_str(&self.extra);
+        y
+    }
+}
+
+/// Supplies a fixed original destination, standing in for the eBPF map.
+pub struct FixedOriginalDst(pub Option<SocketAddr>);
+
+impl OriginalDst for FixedOriginalDst {
+    fn original_dst(&self, _stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
+        self.0
+    }
+}
+
+pub struct Harness {
+    pub proxy: Option<Running>,
+    pub log: AccessLog,
+    pub config_path: PathBuf,
+    pub dir: TempDir,
+}
+
+impl Harness {
+    pub async fn start(config: &MeshConfig) -> Harness {
+        Self::start_with(config, Arc::new(FixedOriginalDst(None)), |_| {}).await
+    }
+
+    pub async fn start_with(
+        config: &MeshConfig,
+        original_dst: Arc<dyn OriginalDst>,
+        tweak: impl FnOnce(&mut RunOptions),
+    ) -> Harness {
+        let dir = TempDir::new("l7");
+        let config_path = dir.0.join("mesh.yaml");
+        std::fs::write(&config_path, config.render()).expect("write config");
+        let log_path = dir.0.join("access.log");
+        let mut opts = RunOptions::new(config_path.clone());
+        opts.outbound_addr = "127.0.0.1:0".parse().unwrap();
+        opts.admin_addr = "127.0.0.1:0".parse().unwrap();
+        opts.metrics_addr = "127.0.0.1:0".parse().unwrap();
+        opts.access_log = AccessLogTarget::File(log_path.clone());
+        opts.config_poll_interval = Duration::from_millis(100);
+        tweak(&mut opts);
+        let proxy = app::start(opts, original_dst)
+            .await
+            .unwrap_or_else(|e| panic!("proxy did not start: {e}"));
+        Harness {
+            proxy: Some(proxy),
+            log: AccessLog::new(log_path),
+            config_path,
+            dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.proxy.as_ref().unwrap().outbound_addr
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.proxy.as_ref().unwrap().admin_addr
+    }
+}
+
+pub async fn mock(name: &str) -> MockUpstream {
+    mock_with(name, 0.0, 503).await
+}
+
+pub async fn mock_with(name: &str, fail_rate: f64, fail_code: u16) -> MockUpstream {
+    MockUpstream::start(
+        "127.0.0.1:0".parse().unwrap(),
+        MockOptions {
+            name: name.into(),
+            fail_rate,
+            fail_code,
+        },
+    )
+    .await
+    .expect("mock upstream starts")
+}
+
+/// Checks a field against an exact value or a shape.
+pub enum Expect {
+    Is(String),
+    /// Decimal milliseconds.
+    Millis,
+    /// `ip:port`.
+    Addr,
+    /// RFC 3339 UTC with milliseconds.
+    Timestamp,
+    Uuid,
+    Prefix(String),
+}
+
+pub fn is(v: impl ToString) -> Expect {
+    Expect::Is(v.to_string())
+}
+
+/// Asserts the whole line: exactly these fields, each as expected.
+pub fn assert_line(line: &Map<String, Value>, expected: &[(&str, Expect)]) {
+    let fields: Vec<&str> = line.keys().map(String::as_str).collect();
+    let names: Vec<&str> = expected.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        fields, names,
+        "access log fields/order differ\nline: {line:?}"
+    );
+    for (key, exp) in expected {
+        let got = line[*key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key} is not a string in {line:?}"));
+        let ok = match exp {
+            Expect::Is(want) => got == want,
+            Expect::Millis => got.parse::<u64>().is_ok(),
+            Expect::Addr => got.parse::<SocketAddr>().is_ok(),
+            Expect::Timestamp => {
+                got.len() == 24 && got.ends_with('Z') && got.as_bytes()[10] == b'T'
+            }
+            Expect::Uuid => got.len() == 36 && got.chars().filter(|c| *c == '-').count() == 4,
+            Expect::Prefix(p) => got.starts_with(p.as_str()),
+        };
+        let want = match exp {
+            Expect::Is(w) => w.clone(),
+            Expect::Millis => "<millis>".into(),
+            Expect::Addr => "<ip:port>".into(),
+            Expect::Timestamp => "<timestamp>".into(),
+            Expect::Uuid => "<uuid>".into(),
+            Expect::Prefix(p) => format!("{p}…"),
+        };
+        assert!(
+            ok,
+            "access log field {key}: got {got:?}, want {want}\nline: {line:?}"
+        );
+    }
+}
+
+/// The documented field order.
+pub const FIELDS: [&str; 30] = [
+    "start_time",
+    "method",
+    "path",
+    "protocol",
+    "response_code",
+    "response_flags",
+    "response_code_details",
+    "connection_termination_details",
+    "upstream_transport_failure_reason",
+    "bytes_received",
+    "bytes_sent",
+    "duration",
+    "upstream_service_time",
+    "x_forwarded_for",
+    "user_agent",
+    "request_id",
+    "authority",
+    "upstream_host",
+    "upstream_cluster",
+    "upstream_local_address",
+    "downstream_local_address",
+    "downstream_remote_address",
+    "requested_server_name",
+    "route_name",
+    "grpc_status",
+    "upstream_request_attempt_count",
+    "request_duration",
+    "response_duration",
+    "source_workload",
+    "source_namespace",
+];
