@@ -98,17 +98,25 @@ struct DocumentContext<'a> {
     origin: Origin,
     kind: String,
     name: String,
+    /// `items[i]` for objects inside a `List`, else empty.
+    field_prefix: String,
     problems: &'a mut Problems,
 }
 
 impl DocumentContext<'_> {
     fn problem(&self, field: impl Into<String>, message: impl ToString) -> Problem {
+        let field = field.into();
+        let field = match (self.field_prefix.as_str(), field.as_str()) {
+            ("", _) => field,
+            (prefix, "-") => prefix.to_string(),
+            (prefix, field) => format!("{prefix}.{field}"),
+        };
         Problem {
             file: self.origin.file.clone(),
             document: self.origin.document,
             kind: self.kind.clone(),
             name: self.name.clone(),
-            field: field.into(),
+            field,
             message: message.to_string(),
         }
     }
@@ -141,6 +149,7 @@ pub fn parse_documents(
             origin,
             kind: "-".into(),
             name: "-".into(),
+            field_prefix: String::new(),
             problems,
         };
         if !document.has_content {
@@ -181,16 +190,24 @@ fn parse_object(mut map: Mapping, cx: &mut DocumentContext<'_>, objects: &mut Ob
     if let Some(kind) = &kind {
         cx.kind = kind.clone();
     }
-    let namespaced = known.is_none_or(Kind::namespaced);
-    cx.name = match (&name, namespace) {
+    cx.name = match (&name, known) {
         (None, _) => "-".into(),
-        (Some(name), _) if !namespaced => name.clone(),
-        (Some(name), namespace) => format!("{}/{name}", namespace.as_deref().unwrap_or("default")),
+        (Some(name), Some(kind)) if !kind.namespaced() => name.clone(),
+        // kubectl's default namespace; unknown kinds may be cluster-scoped.
+        (Some(name), Some(_)) => format!("{}/{name}", namespace.as_deref().unwrap_or("default")),
+        (Some(name), None) => match namespace {
+            Some(namespace) => format!("{namespace}/{name}"),
+            None => name.clone(),
+        },
     };
 
     let (Some(kind_name), Some(api_version)) = (kind, api_version) else {
         return;
     };
+    if kind_name == "List" && api_version == "v1" {
+        parse_list(&mut map, cx, objects);
+        return;
+    }
     let Some(kind) = known else {
         cx.warn("-", ParseWarning::UnusedKind(kind_name));
         return;
@@ -233,6 +250,32 @@ fn parse_object(mut map: Mapping, cx: &mut DocumentContext<'_>, objects: &mut Ob
                     .virtual_services
                     .push(Item::new(origin, VirtualService { metadata, spec }));
             }
+        }
+    }
+}
+
+/// `kind: List` (as printed by `kubectl get -o yaml`): each item is an object
+/// of the same document; problems name the item's path.
+fn parse_list(map: &mut Mapping, cx: &mut DocumentContext<'_>, objects: &mut Objects) {
+    let items = match map.remove("items") {
+        None | Some(Value::Null) => return,
+        Some(Value::Sequence(items)) => items,
+        Some(_) => {
+            cx.error("items", ParseError::Invalid("must be a list".into()));
+            return;
+        }
+    };
+    for (i, item) in items.into_iter().enumerate() {
+        let mut item_cx = DocumentContext {
+            origin: cx.origin.clone(),
+            kind: "-".into(),
+            name: "-".into(),
+            field_prefix: format!("items[{i}]"),
+            problems: &mut *cx.problems,
+        };
+        match item {
+            Value::Mapping(item) => parse_object(item, &mut item_cx, objects),
+            _ => item_cx.error("-", ParseError::NotAMapping),
         }
     }
 }

@@ -630,6 +630,8 @@ spec:
     retries: {attempts: -1, perTryTimeout: 0s}
   - route: []
   - redirect: {uri: /x}
+  - redirect: {uri: /x}
+    route: [destination: {host: a}]
 "#;
     let loaded = load(yaml);
     let errors = loaded.unwrap_err();
@@ -675,6 +677,10 @@ spec:
                 "duration \"0s\" is below Istio's minimum of 1ms"
             ),
             ("spec.http[1].route", "at least one destination is required"),
+            (
+                "spec.http[3].redirect",
+                "cannot set both route and redirect"
+            ),
         ]
     );
 }
@@ -1023,4 +1029,93 @@ endpoints: [{addresses: [x]}]
             ),
         ]
     );
+}
+
+#[test]
+fn list_items_are_objects_of_their_document() {
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: a}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Namespace
+  metadata: {name: b}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: s, namespace: b}
+  spec: {ports: [{port: "80"}]}
+- apiVersion: rbac.authorization.k8s.io/v1
+  kind: ClusterRole
+  metadata: {name: viewer}
+"#;
+    let (mut objects, mut problems) = (Objects::default(), Problems::default());
+    parse_documents("list.yaml", yaml, &mut objects, &mut problems);
+    assert_eq!(objects.namespaces.len(), 2);
+    assert_eq!(
+        objects.namespaces[1].origin,
+        Origin {
+            file: "list.yaml".into(),
+            document: 2
+        }
+    );
+    let errors: Vec<String> = problems.errors.iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        errors,
+        [
+            "list.yaml: document 2 (Service b/s): items[1].spec.ports[0].port: invalid type: string \"80\", expected i32"
+        ]
+    );
+    let warnings: Vec<String> = problems.warnings.iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        warnings,
+        [
+            "list.yaml: document 2 (ClusterRole viewer): items[2]: kind ClusterRole is not used by Nodeway; ignored"
+        ]
+    );
+}
+
+/// The Kubernetes-API mode fills `Objects` from typed and dynamic objects.
+#[test]
+fn objects_can_be_built_without_yaml() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    let spec = serde_json::json!({
+        "hosts": ["web"],
+        "http": [
+            {"redirect": {"uri": "/new"}},
+            {"route": [{"destination": {"host": "web"}}], "mirror": {"host": "x"}},
+        ],
+    });
+    let (spec, ignored) = istio::deserialize_spec::<istio::VirtualServiceSpec, _>(spec).unwrap();
+    assert_eq!(ignored, ["http[1].mirror"]);
+    let origin = Origin {
+        file: "kubernetes".into(),
+        document: 0,
+    };
+    let metadata = ObjectMeta {
+        name: Some("web".into()),
+        namespace: Some("shop".into()),
+        ..Default::default()
+    };
+    let objects = Objects {
+        virtual_services: vec![Item::new(origin, istio::VirtualService { metadata, spec })],
+        ..Objects::default()
+    };
+    let (snapshot, problems) = crate::state::build(&objects, &LoadOptions::default());
+    assert!(problems.errors.is_empty());
+    let warnings: Vec<String> = problems.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(
+        warnings,
+        [
+            "kubernetes: document 0 (VirtualService shop/web): spec.http[0].redirect: redirect is not supported \
+             by Nodeway; this route is ignored",
+            "kubernetes: document 0 (VirtualService shop/web): spec.http[1].route[0].destination.host: host \
+             \"web\" does not match any Service in the config (fine if a ServiceEntry defines it)",
+        ]
+    );
+    assert_eq!(snapshot.virtual_services[0].http.len(), 1);
 }

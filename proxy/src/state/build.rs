@@ -2,7 +2,9 @@
 //!
 //! Every problem of every object is collected. An object with an error is left
 //! out of the snapshot (like Istio skips invalid configs), so the snapshot is
-//! usable even when errors are reported; the file loader refuses it anyway.
+//! usable even when errors are reported (the file loader refuses it anyway).
+//! The exception is a Pod whose IP another Pod already has: it stays, but only
+//! the first Pod is found by that IP.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -71,6 +73,8 @@ enum Invalid {
     Regex(String),
     #[error("at least one destination is required")]
     NoDestinations,
+    #[error("cannot set both route and {0}")]
+    RouteAndAction(&'static str),
     #[error("weights of multiple destinations must add up to more than 0")]
     ZeroTotalWeight,
     #[error("at least one host is required")]
@@ -397,9 +401,10 @@ pub fn build(objects: &Objects, opts: &LoadOptions) -> (Snapshot, Problems) {
         if let Some((mut cx, key)) =
             seen.open(&mut problems, &item.origin, "VirtualService", meta, true)
         {
-            let vs = virtual_service(&mut cx, key, &item.object.spec, opts);
+            let (vs, spec_indices) = virtual_service(&mut cx, key, &item.object.spec, opts);
             if !cx.failed() {
-                check_destinations(&mut cx, &vs, &known_hosts, &snapshot.destination_rules);
+                let rules = &snapshot.destination_rules;
+                check_destinations(&mut cx, &vs, &spec_indices, &known_hosts, rules);
                 virtual_services.push(Arc::new(vs));
             }
         }
@@ -451,6 +456,8 @@ fn build_pods<'o>(
                 ips.push(ip);
             }
         }
+        // A Pod with a bad IP is left out, after its other IPs are checked too.
+        let invalid = cx.failed();
         let spec = pod.spec.as_ref();
         let node_name = spec.and_then(|s| s.node_name.clone());
         let node_labels = node_name
@@ -494,13 +501,15 @@ fn build_pods<'o>(
                             other: other.clone(),
                         },
                     );
-                } else {
+                } else if !invalid {
                     ip_owner.insert(*ip, cx.name.clone());
                     pods_by_ip.insert(*ip, workload.clone());
                 }
             }
         }
-        pods.insert(key, workload);
+        if !invalid {
+            pods.insert(key, workload);
+        }
     }
     pods
 }
@@ -1277,12 +1286,14 @@ fn locality_lb_setting(
     }
 }
 
+/// Also returns, for each converted HTTP route, its index in `spec.http`
+/// (unsupported routes are skipped).
 fn virtual_service(
     cx: &mut Cx<'_>,
     key: ObjectKey,
     spec: &istio::VirtualServiceSpec,
     opts: &LoadOptions,
-) -> VirtualService {
+) -> (VirtualService, Vec<usize>) {
     if spec.hosts.is_empty() {
         cx.error("spec.hosts", Invalid::NoHosts);
     }
@@ -1298,21 +1309,24 @@ fn virtual_service(
         cx.warn("spec.tls", Note::UnsupportedRoutes("tls"));
     }
     let mut http = Vec::new();
+    let mut spec_indices = Vec::new();
     for (i, route) in spec.http.iter().enumerate() {
         if let Some(route) = http_route(cx, route, &format!("spec.http[{i}]"), &key.namespace, opts)
         {
             http.push(route);
+            spec_indices.push(i);
         }
     }
     let expand = |host: &String| resolve_short_name(host, &key.namespace, &opts.cluster_domain);
-    VirtualService {
+    let vs = VirtualService {
         hosts_fqdn: spec.hosts.iter().map(expand).collect(),
         hosts: spec.hosts.clone(),
         gateways: spec.gateways.clone(),
         export_to: spec.export_to.clone(),
         http,
         key,
-    }
+    };
+    (vs, spec_indices)
 }
 
 fn http_route(
@@ -1330,19 +1344,25 @@ fn http_route(
         .map(|(k, m)| http_match(cx, m, &field(&format!("match[{k}]"))))
         .collect();
 
-    if route.route.is_empty() {
-        let action = [
-            (route.redirect.is_some(), "redirect"),
-            (route.direct_response.is_some(), "directResponse"),
-            (route.delegate.is_some(), "delegate"),
-        ]
-        .into_iter()
-        .find_map(|(set, name)| set.then_some(name));
-        match action {
-            Some(action) => cx.warn(&field(action), Note::UnsupportedRouteAction(action)),
-            None => cx.error(&field("route"), Invalid::NoDestinations),
+    // Alternatives to `route` (a oneof in Istio) that Nodeway does not implement.
+    let action = [
+        (route.redirect.is_some(), "redirect"),
+        (route.direct_response.is_some(), "directResponse"),
+        (route.delegate.is_some(), "delegate"),
+    ]
+    .into_iter()
+    .find_map(|(set, name)| set.then_some(name));
+    match (route.route.is_empty(), action) {
+        (true, Some(action)) => {
+            cx.warn(&field(action), Note::UnsupportedRouteAction(action));
+            return None;
         }
-        return None;
+        (true, None) => {
+            cx.error(&field("route"), Invalid::NoDestinations);
+            return None;
+        }
+        (false, Some(action)) => cx.error(&field(action), Invalid::RouteAndAction(action)),
+        (false, None) => {}
     }
 
     let mut destinations = Vec::new();
@@ -1506,13 +1526,15 @@ fn full_match_regex(regex: &str) -> Result<regex::Regex, String> {
 }
 
 /// Cross-reference warnings: Istio accepts these, but they are often typos.
+/// Only called for valid VirtualServices, where every `route[j]` was converted.
 fn check_destinations(
     cx: &mut Cx<'_>,
     vs: &VirtualService,
+    spec_indices: &[usize],
     known_hosts: &HashSet<&str>,
     rules: &[Arc<DestinationRule>],
 ) {
-    for (i, route) in vs.http.iter().enumerate() {
+    for (route, i) in vs.http.iter().zip(spec_indices) {
         for (j, dest) in route.route.iter().enumerate() {
             let path = format!("spec.http[{i}].route[{j}].destination");
             if !dest.host_fqdn.contains('*') && !known_hosts.contains(dest.host_fqdn.as_str()) {
