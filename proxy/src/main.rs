@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a configuration file: prints `ok` or every problem, exits non-zero on any.
     Validate {
         #[arg(long)]
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config: path, mesh } => validate(&path, mesh),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
     }
 }
 

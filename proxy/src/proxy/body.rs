@@ -264,10 +264,10 @@ impl ResponseBody {
             deadline,
             pool_return,
         };
-        if let Source::Upstream(b) = &this.source {
-            if b.is_end_stream() {
-                this.complete();
-            }
+        if let Source::Upstream(b) = &this.source
+            && b.is_end_stream()
+        {
+            this.complete();
         }
         this
     }
@@ -318,10 +318,10 @@ impl ResponseBody {
         if let Some(ex) = self.exchange.as_mut() {
             if let Some(data) = frame.data_ref() {
                 ex.entry.bytes_sent += data.len() as u64;
-            } else if let Some(trailers) = frame.trailers_ref() {
-                if let Some(code) = grpc_status(trailers) {
-                    ex.entry.grpc_status = Some(code);
-                }
+            } else if let Some(trailers) = frame.trailers_ref()
+                && let Some(code) = grpc_status(trailers)
+            {
+                ex.entry.grpc_status = Some(code);
             }
         }
     }
@@ -351,12 +351,12 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(deadline) = this.deadline.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() {
-                this.deadline = None;
-                this.fail(ResponseFlag::UpstreamRequestTimeout, "response_timeout");
-                return Poll::Ready(Some(Err(Box::new(BodyAbort("upstream response timeout")))));
-            }
+        if let Some(deadline) = this.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            this.deadline = None;
+            this.fail(ResponseFlag::UpstreamRequestTimeout, "response_timeout");
+            return Poll::Ready(Some(Err(Box::new(BodyAbort("upstream response timeout")))));
         }
         match &mut this.source {
             Source::Local(bytes) => {

@@ -35,10 +35,13 @@ impl ClientCluster {
     }
 }
 
+/// (client pod, cluster name).
+type ClientClusterKey = (Arc<str>, Arc<str>);
+
 #[derive(Default)]
 pub struct ClusterRegistry {
     generation: std::sync::atomic::AtomicU64,
-    by_client: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<ClientCluster>>>,
+    by_client: Mutex<HashMap<ClientClusterKey, Arc<ClientCluster>>>,
 }
 
 impl ClusterRegistry {
@@ -58,10 +61,10 @@ impl ClusterRegistry {
         let generation = self.generation.load(Ordering::Relaxed);
         let key = (conn.client_key.clone(), cluster_name);
         let mut map = self.by_client.lock().expect("registry lock");
-        if let Some(existing) = map.get(&key) {
-            if existing.generation == generation {
-                return existing.clone();
-            }
+        if let Some(existing) = map.get(&key)
+            && existing.generation == generation
+        {
+            return existing.clone();
         }
         let service = &decision.target.service;
         let port = &service.ports[decision.target.port_idx];

@@ -549,12 +549,11 @@ fn upstream_request(
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let (uri, version) = match protocol {
         UpstreamProtocol::Http1 => {
-            if let Some(a) = authority {
-                if !headers.contains_key(header::HOST) {
-                    if let Ok(v) = HeaderValue::from_str(a) {
-                        headers.insert(header::HOST, v);
-                    }
-                }
+            if let Some(a) = authority
+                && !headers.contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(a)
+            {
+                headers.insert(header::HOST, v);
             }
             (
                 path.parse::<Uri>()

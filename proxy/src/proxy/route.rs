@@ -386,15 +386,15 @@ fn matches(m: &HttpMatch, req: &RequestView<'_>) -> bool {
             return false;
         }
     }
-    if let Some(method) = &m.method {
-        if !method.matches(req.parts.method.as_str()) {
-            return false;
-        }
+    if let Some(method) = &m.method
+        && !method.matches(req.parts.method.as_str())
+    {
+        return false;
     }
-    if let Some(authority) = &m.authority {
-        if !authority.matches(req.authority) {
-            return false;
-        }
+    if let Some(authority) = &m.authority
+        && !authority.matches(req.authority)
+    {
+        return false;
     }
     if m.port.is_some_and(|p| p != req.port) {
         return false;
@@ -429,18 +429,17 @@ fn matches(m: &HttpMatch, req: &RequestView<'_>) -> bool {
             return false;
         }
     }
-    if let Some(labels) = &m.source_labels {
-        if !req
+    if let Some(labels) = &m.source_labels
+        && !req
             .client
             .is_some_and(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-        {
-            return false;
-        }
+    {
+        return false;
     }
-    if let Some(ns) = &m.source_namespace {
-        if ns != req.client_ns {
-            return false;
-        }
+    if let Some(ns) = &m.source_namespace
+        && ns != req.client_ns
+    {
+        return false;
     }
     true
 }

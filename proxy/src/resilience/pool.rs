@@ -156,8 +156,12 @@ impl EndpointPool {
         // Reuse an idle keep-alive connection; a request it could not even
         // start (connection closed meanwhile) comes back and goes on a fresh one.
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
-        while !upgrade {
-            let idle = self.h1_idle.lock().expect("pool lock").pop();
+        loop {
+            let idle = if upgrade {
+                None
+            } else {
+                self.h1_idle.lock().expect("pool lock").pop()
+            };
             let Some(mut idle) = idle else { break };
             if idle.sender.is_closed() || futures_ready(&mut idle.sender).await.is_err() {
                 continue;

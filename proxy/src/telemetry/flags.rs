@@ -74,7 +74,7 @@ impl ResponseFlags {
     }
 
     pub fn contains(&self, flag: ResponseFlag) -> bool {
-        self.flags.iter().any(|f| *f == Some(flag))
+        self.flags.contains(&Some(flag))
     }
 
     pub fn is_empty(&self) -> bool {
