@@ -73,6 +73,26 @@ pub async fn serve(
         done: false,
     });
 
+    // hyper's read buffer limit is approximate; Envoy's header limit is exact.
+    if req.version() != http::Version::HTTP_2
+        && head_size(&req) > shared.settings.max_request_headers_bytes
+    {
+        exchange
+            .entry
+            .response_flags
+            .set(ResponseFlag::DownstreamProtocolError);
+        let mut reply = local_reply(
+            exchange,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "http1.headers_too_large",
+            "",
+            false,
+        );
+        reply
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(reply);
+    }
     let snap = shared.snapshot.load_full();
     let client_ns: &str = conn
         .client
@@ -85,17 +105,7 @@ pub async fn serve(
             .and_then(|a| route::target_for_authority(&snap, a, client_ns)),
     };
     let Some(target) = target else {
-        exchange
-            .entry
-            .response_flags
-            .set(ResponseFlag::NoRouteFound);
-        return Ok(local_reply(
-            exchange,
-            StatusCode::NOT_FOUND,
-            "route_not_found",
-            "",
-            is_grpc,
-        ));
+        return Ok(no_route(exchange, is_grpc));
     };
 
     let on_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
@@ -110,17 +120,7 @@ pub async fn serve(
     let decision = match route::route(&snap, &target, &view) {
         Ok(d) => d,
         Err(RouteError::NoRoute) => {
-            exchange
-                .entry
-                .response_flags
-                .set(ResponseFlag::NoRouteFound);
-            return Ok(local_reply(
-                exchange,
-                StatusCode::NOT_FOUND,
-                "route_not_found",
-                "",
-                is_grpc,
-            ));
+            return Ok(no_route(exchange, is_grpc));
         }
         Err(RouteError::NoCluster(host)) => {
             tracing::debug!(%host, "route destination is not a known service");
@@ -229,8 +229,6 @@ async fn forward(
             Some(at) => tokio::time::timeout_at(at, send).await.ok(),
             None => Some(send.await),
         };
-        let can_retry_more = attempt < max_attempts && body.can_replay();
-
         let failure = match result {
             Some(Ok(sent)) => {
                 let status = sent.response.status();
@@ -241,14 +239,18 @@ async fn forward(
                 };
                 let retriable = retry.retry_on.retries_status(status.as_u16())
                     || grpc.is_some_and(|g| retry.retry_on.retries_grpc_status(g));
-                if retriable && retry.attempts > 0 {
-                    if can_retry_more && sleep_backoff(attempt, deadline).await {
-                        continue;
-                    }
-                    exchange
-                        .entry
-                        .response_flags
-                        .set(ResponseFlag::UpstreamRetryLimitExceeded);
+                if retriable
+                    && retry.attempts > 0
+                    && retry_after_backoff(
+                        attempt,
+                        max_attempts,
+                        &body,
+                        &mut exchange.entry,
+                        deadline,
+                    )
+                    .await
+                {
+                    continue;
                 }
                 return upstream_response(
                     shared,
@@ -287,14 +289,12 @@ async fn forward(
             }
             Some(Err(err)) => Failure::from_send(err, retry),
         };
-        if failure.retriable && retry.attempts > 0 {
-            if can_retry_more && sleep_backoff(attempt, deadline).await {
-                continue;
-            }
-            exchange
-                .entry
-                .response_flags
-                .set(ResponseFlag::UpstreamRetryLimitExceeded);
+        if failure.retriable
+            && retry.attempts > 0
+            && retry_after_backoff(attempt, max_attempts, &body, &mut exchange.entry, deadline)
+                .await
+        {
+            continue;
         }
         exchange.entry.response_flags.set(failure.flag);
         exchange.entry.upstream_transport_failure_reason = failure.transport.clone();
@@ -312,14 +312,37 @@ async fn forward(
     }
 }
 
-/// Waits Envoy's jittered back-off; false if the route deadline would pass first.
-async fn sleep_backoff(attempt: u32, deadline: Option<TokioInstant>) -> bool {
-    let wake = TokioInstant::now() + backoff(attempt);
-    if deadline.is_some_and(|d| wake >= d) {
+/// For a retriable outcome: waits the back-off and returns true when another
+/// attempt may start. Otherwise marks `URX` if the retry budget (attempts or
+/// route deadline) ran out; a body too large to replay abandons the retry
+/// without `URX`, as Envoy does, and says so in the log.
+async fn retry_after_backoff(
+    attempt: u32,
+    max_attempts: u32,
+    body: &RequestBody,
+    entry: &mut AccessLogEntry,
+    deadline: Option<TokioInstant>,
+) -> bool {
+    if attempt < max_attempts && !body.can_replay() {
+        tracing::info!(
+            request_id = entry.request_id.as_deref().unwrap_or("-"),
+            cluster = entry.upstream_cluster.as_deref().unwrap_or("-"),
+            "not retrying: the request body exceeded the {} KiB replay buffer",
+            super::body::REPLAY_BUFFER_LIMIT / 1024
+        );
         return false;
     }
-    tokio::time::sleep_until(wake).await;
-    true
+    if attempt < max_attempts {
+        let wake = TokioInstant::now() + backoff(attempt);
+        if deadline.is_none_or(|d| wake < d) {
+            tokio::time::sleep_until(wake).await;
+            return true;
+        }
+    }
+    entry
+        .response_flags
+        .set(ResponseFlag::UpstreamRetryLimitExceeded);
+    false
 }
 
 struct Failure {
@@ -452,6 +475,21 @@ fn upstream_response(
     Response::from_parts(
         parts,
         ResponseBody::upstream(body, exchange, deadline, pool_return),
+    )
+}
+
+/// `404` with `NR`: nothing this client may reach answers to that name.
+fn no_route(mut exchange: Box<Exchange>, is_grpc: bool) -> Response<ResponseBody> {
+    exchange
+        .entry
+        .response_flags
+        .set(ResponseFlag::NoRouteFound);
+    local_reply(
+        exchange,
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        "",
+        is_grpc,
     )
 }
 
@@ -623,6 +661,19 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Bytes of the request line and header block as they came on the wire.
+fn head_size(req: &Request<Incoming>) -> usize {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri
+            .authority()
+            .map_or(0, |a| a.as_str().len() + "http://".len());
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    req.headers()
+        .iter()
+        .fold(line + 2, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
 /// `:authority`, the absolute-form URI's authority, or `Host`.

@@ -200,6 +200,22 @@ async fn handle_connection(
     }
 }
 
+/// The hyper service answering every request of one downstream connection.
+fn request_service(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnContext>,
+) -> impl hyper::service::Service<
+    ::http::Request<hyper::body::Incoming>,
+    Response = ::http::Response<body::ResponseBody>,
+    Error = std::convert::Infallible,
+    Future = impl Future<
+        Output = Result<::http::Response<body::ResponseBody>, std::convert::Infallible>,
+    > + Send,
+> + Clone
++ Send {
+    service_fn(move |req| http::serve(shared.clone(), ctx.clone(), req))
+}
+
 async fn serve_http1(
     stream: TcpStream,
     ctx: Arc<ConnContext>,
@@ -207,11 +223,7 @@ async fn serve_http1(
     shutdown: CancellationToken,
 ) {
     let settings = &shared.settings;
-    let svc = {
-        let shared = shared.clone();
-        let ctx = ctx.clone();
-        service_fn(move |req| http::serve(shared.clone(), ctx.clone(), req))
-    };
+    let svc = request_service(shared.clone(), ctx.clone());
     let started = (Instant::now(), SystemTime::now());
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -278,11 +290,7 @@ async fn serve_http2(
     shutdown: CancellationToken,
 ) {
     let settings = &shared.settings;
-    let svc = {
-        let shared = shared.clone();
-        let ctx = ctx.clone();
-        service_fn(move |req| http::serve(shared.clone(), ctx.clone(), req))
-    };
+    let svc = request_service(shared.clone(), ctx.clone());
     let conn = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_request_headers_bytes as u32)
