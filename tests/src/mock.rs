@@ -94,6 +94,10 @@ pub struct MockOptions {
     pub fail_rate: f64,
     /// Status of injected failures.
     pub fail_code: u16,
+    /// 0.0..=1.0: probability that a request is first held for `slow`
+    /// (the Istio demo backend's "slow half the time").
+    pub slow_rate: f64,
+    pub slow: std::time::Duration,
 }
 
 impl MockOptions {
@@ -112,6 +116,8 @@ impl Default for MockOptions {
             name: "mock".to_owned(),
             fail_rate: 0.0,
             fail_code: 503,
+            slow_rate: 0.0,
+            slow: std::time::Duration::ZERO,
         }
     }
 }
@@ -119,8 +125,11 @@ impl Default for MockOptions {
 struct Shared {
     name: String,
     name_header: HeaderValue,
-    fail_rate: f64,
+    /// `f64` bits, changeable while running ([`MockUpstream::set_fail_rate`]).
+    fail_rate: AtomicU64,
     fail_code: StatusCode,
+    slow_rate: f64,
+    slow: std::time::Duration,
     requests: AtomicU64,
     connections: AtomicU64,
 }
@@ -160,8 +169,10 @@ impl MockUpstream {
         let shared = Arc::new(Shared {
             name: opts.name,
             name_header,
-            fail_rate: opts.fail_rate.clamp(0.0, 1.0),
+            fail_rate: AtomicU64::new(opts.fail_rate.clamp(0.0, 1.0).to_bits()),
             fail_code,
+            slow_rate: opts.slow_rate.clamp(0.0, 1.0),
+            slow: opts.slow,
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
         });
@@ -188,6 +199,13 @@ impl MockUpstream {
     /// Requests received so far (HTTP/1.1, HTTP/2 and gRPC).
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Changes the injected failure probability while running.
+    pub fn set_fail_rate(&self, rate: f64) {
+        self.shared
+            .fail_rate
+            .store(rate.clamp(0.0, 1.0).to_bits(), Ordering::SeqCst);
     }
 
     /// TCP connections accepted so far.
@@ -516,7 +534,11 @@ async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Result<Response<RespBod
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("application/grpc"));
-    let injected = ctx.shared.fail_rate > 0.0 && fastrand::f64() < ctx.shared.fail_rate;
+    if ctx.shared.slow_rate > 0.0 && fastrand::f64() < ctx.shared.slow_rate {
+        tokio::time::sleep(ctx.shared.slow).await;
+    }
+    let fail_rate = f64::from_bits(ctx.shared.fail_rate.load(Ordering::SeqCst));
+    let injected = fail_rate > 0.0 && fastrand::f64() < fail_rate;
     let mut resp = if injected {
         let code = ctx.shared.fail_code;
         let body = if is_grpc {

@@ -304,6 +304,7 @@ async fn fail_rate() {
             name: "bad".into(),
             fail_rate: 1.0,
             fail_code: 500,
+            ..MockOptions::default()
         },
     )
     .await
@@ -314,6 +315,7 @@ async fn fail_rate() {
             name: "good".into(),
             fail_rate: 0.0,
             fail_code: 500,
+            ..MockOptions::default()
         },
     )
     .await

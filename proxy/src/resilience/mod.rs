@@ -1,4 +1,7 @@
-//! Connection pools, retries and timeouts (breakers and outlier detection come with the resilience issue).
+//! Circuit breaking (limits and the pending queue), connection pools,
+//! retries, timeouts and outlier detection.
 
+pub mod breaker;
+pub mod outlier;
 pub mod pool;
 pub mod retry;

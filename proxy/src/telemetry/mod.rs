@@ -2,5 +2,6 @@
 
 pub mod access_log;
 pub mod flags;
+pub mod stats;
 
 pub use flags::{ResponseFlag, ResponseFlags};

@@ -104,6 +104,7 @@ async fn main() -> ExitCode {
             name: args.name.clone().unwrap_or_else(|| addr.to_string()),
             fail_rate: args.fail_rate,
             fail_code: args.fail_code,
+            ..MockOptions::default()
         };
         match MockUpstream::start(*addr, opts).await {
             Ok(m) => {

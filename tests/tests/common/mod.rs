@@ -198,6 +198,12 @@ pub async fn mock(name: &str) -> MockUpstream {
     mock_with(name, 0.0, 503).await
 }
 
+pub async fn mock_opts(opts: MockOptions) -> MockUpstream {
+    MockUpstream::start("127.0.0.1:0".parse().unwrap(), opts)
+        .await
+        .expect("mock upstream starts")
+}
+
 pub async fn mock_with(name: &str, fail_rate: f64, fail_code: u16) -> MockUpstream {
     MockUpstream::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -205,6 +211,7 @@ pub async fn mock_with(name: &str, fail_rate: f64, fail_code: u16) -> MockUpstre
             name: name.into(),
             fail_rate,
             fail_code,
+            ..MockOptions::default()
         },
     )
     .await
