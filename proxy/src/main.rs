@@ -70,6 +70,15 @@ struct RunArgs {
     /// Clients must finish sending request headers within this time.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     request_header_timeout: Duration,
+    /// Node-wide cap on upstream connections across all client pods.
+    #[arg(long, default_value_t = 16384)]
+    max_upstream_connections: u32,
+    /// Node-wide cap on requests waiting for an upstream connection.
+    #[arg(long, default_value_t = 16384)]
+    max_pending_requests: u32,
+    /// Largest share (percent) of each node-wide cap a single client pod may hold.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_client_share: u32,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     worker_threads: Option<usize>,
@@ -124,6 +133,9 @@ fn run(args: RunArgs) -> ExitCode {
     opts.node = args.node;
     opts.drain_timeout = args.drain_timeout;
     opts.settings.request_header_timeout = args.request_header_timeout;
+    opts.settings.max_upstream_connections = args.max_upstream_connections;
+    opts.settings.max_pending_requests = args.max_pending_requests;
+    opts.settings.max_client_share_percent = args.max_client_share;
     opts.load.root_namespace = args.mesh.root_namespace;
     opts.load.cluster_domain = args.mesh.cluster_domain;
     let mut rt = tokio::runtime::Builder::new_multi_thread();

@@ -433,8 +433,9 @@ async fn flaky_endpoint_retried_on_5xx(proto: Proto) {
         assert_eq!(line["response_code_details"], "via_upstream");
     }
     assert!(
-        flaky.requests() >= (N / 3 - 1) as u64,
-        "round robin reaches the flaky endpoint"
+        flaky.requests() >= 3,
+        "the balancer reaches the flaky endpoint: {}",
+        flaky.requests()
     );
     assert!(
         retried > 0,

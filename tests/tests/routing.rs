@@ -694,7 +694,7 @@ async fn virtual_service_match_conditions() {
 /// block has a name (`translateRoute` in pilot's route.go); `%ROUTE_NAME%`
 /// logs that.
 #[tokio::test]
-#[ignore = "proxy bug: route_name ignores the match block's name (Istio: <route>.<match>)"]
+
 async fn route_name_includes_match_name() {
     let a = backend("a").await;
     let mut mesh = Mesh::new();
@@ -1014,7 +1014,7 @@ async fn subset_without_pods_is_no_healthy_upstream() {
 /// Envoy's router finds no cluster: `503 NC cluster_not_found`, and the
 /// upstream cluster is unknown (`-`).
 #[tokio::test]
-#[ignore = "proxy bug: an undefined subset answers 503 UH no_healthy_upstream instead of NC cluster_not_found"]
+
 async fn undefined_subset_is_cluster_not_found() {
     let (mut mesh, mocks) = reviews_mesh(false).await;
     mesh.doc(virtual_service(
@@ -1072,7 +1072,7 @@ async fn unknown_destination_host_is_cluster_not_found() {
 /// Envoy resolves the route before looking up its cluster, so `%ROUTE_NAME%`
 /// is known on a `cluster_not_found` reply.
 #[tokio::test]
-#[ignore = "proxy bug: route_name is '-' on NC replies although the route matched"]
+
 async fn cluster_not_found_logs_the_route_name() {
     let front = backend("front").await;
     let mut mesh = Mesh::new();

@@ -40,6 +40,60 @@ pub async fn serve(
     }
 }
 
+/// Envoy's cluster counters per (client pod, cluster), outlier counters, and
+/// each endpoint's state as that client sees it.
+fn stats_json(shared: &Shared) -> serde_json::Value {
+    let mut clusters = Vec::new();
+    for client in shared.clusters.clients() {
+        for cluster in client.clusters() {
+            let config = cluster.config();
+            let mut stats: serde_json::Map<String, serde_json::Value> = cluster
+                .stats
+                .values()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into()))
+                .collect();
+            if let Some(detector) = &config.outlier {
+                for (k, v) in detector.stats().values() {
+                    stats.insert(format!("outlier_detection.{k}"), v.into());
+                }
+            }
+            let endpoints: Vec<serde_json::Value> = config
+                .hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    serde_json::json!({
+                        "address": h.slot.addr.to_string(),
+                        "ejected": h.slot.outlier.is_ejected(),
+                        "ejections": h.slot.outlier.ejections(),
+                        "active_requests": h.slot.active.load(Ordering::Relaxed),
+                        "priority": config.balancer.priority_of(i),
+                    })
+                })
+                .collect();
+            clusters.push(serde_json::json!({
+                "source_pod": &*client.key,
+                "source_workload": &*client.source_workload,
+                "source_namespace": &*client.source_namespace,
+                "cluster": &*cluster.name,
+                "stats": stats,
+                "endpoints": endpoints,
+            }));
+        }
+    }
+    let node = shared.clusters.node_budget();
+    serde_json::json!({
+        "node": {
+            "upstream_connections": node.connections.get(),
+            "max_upstream_connections": node.max_connections,
+            "pending_requests": node.pending.get(),
+            "max_pending_requests": node.max_pending,
+        },
+        "clusters": clusters,
+    })
+}
+
 async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
@@ -69,10 +123,15 @@ async fn handle(
             });
             reply(StatusCode::OK, "application/json", format!("{body:#}\n"))
         }
+        (&Method::GET, "/stats") => reply(
+            StatusCode::OK,
+            "application/json",
+            format!("{:#}\n", stats_json(&shared)),
+        ),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /ready or /config_dump\n".into(),
+            "not found; try /ready, /config_dump or /stats\n".into(),
         ),
     })
 }

@@ -17,7 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use crate::resilience::pool::PoolReturn;
+use super::cluster::UpstreamHold;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::{AccessLogEntry, AccessLogger};
 
@@ -248,7 +248,7 @@ pub struct ResponseBody {
     source: Source,
     exchange: Option<Box<Exchange>>,
     deadline: Option<Pin<Box<Sleep>>>,
-    pool_return: Option<PoolReturn>,
+    hold: Option<UpstreamHold>,
 }
 
 impl ResponseBody {
@@ -256,13 +256,13 @@ impl ResponseBody {
         body: Incoming,
         exchange: Box<Exchange>,
         deadline: Option<Pin<Box<Sleep>>>,
-        pool_return: Option<PoolReturn>,
+        hold: Option<UpstreamHold>,
     ) -> Self {
         let mut this = ResponseBody {
             source: Source::Upstream(body),
             exchange: Some(exchange),
             deadline,
-            pool_return,
+            hold,
         };
         if let Source::Upstream(b) = &this.source
             && b.is_end_stream()
@@ -278,7 +278,7 @@ impl ResponseBody {
             source: Source::Local((!bytes.is_empty()).then_some(bytes)),
             exchange,
             deadline: None,
-            pool_return: None,
+            hold: None,
         };
         if matches!(this.source, Source::Local(None)) {
             this.complete();
@@ -292,21 +292,24 @@ impl ResponseBody {
             source: Source::Local(None),
             exchange: None,
             deadline: None,
-            pool_return: None,
+            hold: None,
         }
     }
 
     fn complete(&mut self) {
+        let grpc_status = self.exchange.as_ref().and_then(|ex| ex.entry.grpc_status);
         if let Some(mut ex) = self.exchange.take() {
             ex.finish();
         }
-        if let Some(ret) = self.pool_return.take() {
-            ret.give_back();
+        if let Some(hold) = self.hold.take() {
+            hold.complete(grpc_status);
         }
     }
 
     fn fail(&mut self, flag: ResponseFlag, details: &str) {
-        self.pool_return = None;
+        if let Some(hold) = self.hold.take() {
+            hold.failed();
+        }
         if let Some(mut ex) = self.exchange.take() {
             ex.entry.response_flags.set(flag);
             ex.entry.response_code_details = Some(details.to_string());
@@ -400,7 +403,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Local(b) => b.is_none(),
-            Source::Upstream(_) => self.exchange.is_none() && self.pool_return.is_none(),
+            Source::Upstream(_) => self.exchange.is_none() && self.hold.is_none(),
         }
     }
 

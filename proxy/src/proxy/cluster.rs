@@ -1,55 +1,277 @@
-//! Per-(client, cluster) upstream state: the seam where connection limits,
-//! breakers and outlier detection attach. Entries are rebuilt when the
-//! configuration changes, keeping their pooled connections.
+//! Per-(client pod, cluster) upstream state: endpoints with their in-flight
+//! counts, outlier state and connection pools; the load balancer; circuit
+//! breaker counters; Envoy's cluster stats.
+//!
+//! A client pod's clusters hang off its [`ClientState`], found once per
+//! downstream connection, so no lock shared between client pods sits on the
+//! request path. Configuration changes swap a [`ClusterConfig`] in; endpoint
+//! state (pools, ejections, counters) survives them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use super::ConnContext;
 use super::route::{self, RouteDecision};
-use crate::resilience::pool::{DEFAULT_CONNECT_TIMEOUT, EndpointPool};
-use crate::state::{Endpoint, Snapshot};
+use crate::lb::{self, Balancer, BalancerConfig};
+use crate::resilience::breaker::{Breaker, Budgets, ClientBudget, Limits, NodeBudget, Permit};
+use crate::resilience::outlier::{AttemptResult, HostOutlier, OutlierConfig, OutlierDetector};
+use crate::resilience::pool::{ConnSettings, EndpointPool, Lease};
+use crate::state::{Endpoint, LbPolicy, Snapshot, TrafficPolicy};
+use crate::telemetry::stats::ClusterStats;
 
-/// Upstream state of one client pod towards one cluster.
-pub struct ClientCluster {
-    pub generation: u64,
-    /// Ready endpoints of the cluster (subset applied).
-    pub endpoints: Vec<Arc<Endpoint>>,
-    pub connect_timeout: Duration,
-    /// Round-robin cursor.
-    pub rr: AtomicUsize,
-    pools: Mutex<HashMap<SocketAddr, Arc<EndpointPool>>>,
+/// State of one endpoint as seen by one client pod; survives reloads.
+pub struct EndpointSlot {
+    pub addr: SocketAddr,
+    /// Requests in flight (LEAST_REQUEST).
+    pub active: AtomicU32,
+    pub outlier: HostOutlier,
+    pub pool: Arc<EndpointPool>,
 }
 
-impl ClientCluster {
-    pub fn pool(&self, addr: SocketAddr) -> Arc<EndpointPool> {
-        self.pools
-            .lock()
-            .expect("pools lock")
-            .entry(addr)
-            .or_insert_with(|| Arc::new(EndpointPool::new(addr)))
-            .clone()
+/// An endpoint of the current generation: its slot and its latest description.
+#[derive(Clone)]
+pub struct Host {
+    pub slot: Arc<EndpointSlot>,
+    pub endpoint: Arc<Endpoint>,
+}
+
+impl lb::Host for Host {
+    fn addr(&self) -> SocketAddr {
+        self.slot.addr
+    }
+    fn locality(&self) -> &crate::state::Locality {
+        &self.endpoint.locality
+    }
+    fn labels(&self) -> Option<&crate::state::Labels> {
+        self.endpoint.labels()
+    }
+    fn is_healthy(&self) -> bool {
+        !self.slot.outlier.is_ejected()
+    }
+    fn active_requests(&self) -> u32 {
+        self.slot.active.load(Ordering::Relaxed)
     }
 }
 
-/// (client pod, cluster name).
-type ClientClusterKey = (Arc<str>, Arc<str>);
+/// Everything fixed for one configuration generation.
+pub struct ClusterConfig {
+    pub generation: u64,
+    pub hosts: Vec<Host>,
+    pub balancer: Balancer,
+    pub lb_policy: Option<LbPolicy>,
+    /// Kept across generations while its settings stay the same: ejection
+    /// deadlines are measured from the detector's own clock.
+    pub outlier: Option<Arc<OutlierDetector>>,
+    pub limits: Limits,
+    pub settings: ConnSettings,
+}
 
-#[derive(Default)]
+/// One client pod's view of one cluster.
+pub struct ClientCluster {
+    pub name: Arc<str>,
+    pub budgets: Budgets,
+    pub stats: Arc<ClusterStats>,
+    slots: Mutex<HashMap<SocketAddr, Arc<EndpointSlot>>>,
+    current: ArcSwap<ClusterConfig>,
+    sweeper_running: AtomicBool,
+}
+
+impl ClientCluster {
+    pub fn config(&self) -> arc_swap::Guard<Arc<ClusterConfig>> {
+        self.current.load()
+    }
+
+    /// Feeds one attempt's result to outlier detection; an ejection takes the
+    /// host out of the balancer at once.
+    pub fn record(&self, config: &ClusterConfig, index: usize, result: AttemptResult) {
+        let Some(detector) = &config.outlier else {
+            return;
+        };
+        let host = &config.hosts[index];
+        if let Some(reason) = detector.record(
+            &host.slot.outlier,
+            result,
+            config.hosts.len(),
+            Instant::now(),
+        ) {
+            tracing::info!(cluster = %self.name, endpoint = %host.slot.addr, ?reason, "outlier detection ejected an endpoint");
+            config.balancer.host_health_changed(index, false);
+        }
+    }
+
+    /// Outlier detection's `interval` sweep, while the cluster lives.
+    fn start_sweeper(self: &Arc<Self>) {
+        if self.sweeper_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak: Weak<ClientCluster> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let interval = {
+                    let Some(cluster) = weak.upgrade() else {
+                        return;
+                    };
+                    let config = cluster.config();
+                    config
+                        .outlier
+                        .as_ref()
+                        .map_or(Duration::from_secs(10), |d| d.config().interval)
+                };
+                tokio::time::sleep(interval).await;
+                let Some(cluster) = weak.upgrade() else {
+                    return;
+                };
+                let config = cluster.config();
+                if let Some(detector) = &config.outlier {
+                    detector.sweep(config.hosts.iter().map(|h| &h.slot.outlier), Instant::now(), |index| {
+                        tracing::info!(cluster = %cluster.name, endpoint = %config.hosts[index].slot.addr, "ejection ended");
+                        config.balancer.host_health_changed(index, true);
+                    });
+                }
+            }
+        });
+    }
+}
+
+/// One request in flight to an endpoint: counts for LEAST_REQUEST and `upstream_rq_active`.
+pub struct InFlight {
+    slot: Arc<EndpointSlot>,
+    stats: Arc<ClusterStats>,
+}
+
+impl InFlight {
+    pub fn start(slot: Arc<EndpointSlot>, stats: Arc<ClusterStats>) -> Self {
+        slot.active.fetch_add(1, Ordering::Relaxed);
+        ClusterStats::inc(&stats.upstream_rq_active);
+        InFlight { slot, stats }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.slot.active.fetch_sub(1, Ordering::Relaxed);
+        ClusterStats::dec(&self.stats.upstream_rq_active);
+    }
+}
+
+/// What an upstream response holds until its body ends: the connection
+/// lease, the `http2MaxRequests` slot and the endpoint's in-flight count.
+pub struct UpstreamHold {
+    pub lease: Option<Lease>,
+    pub config: Arc<ClusterConfig>,
+    pub cluster: Arc<ClientCluster>,
+    pub host: usize,
+    /// A gRPC response whose status arrives in trailers: outlier detection waits for them.
+    pub grpc_in_trailers: bool,
+    pub request: Option<Permit>,
+    pub in_flight: InFlight,
+}
+
+impl UpstreamHold {
+    /// The response ended cleanly; `grpc_status` from its trailers, if any.
+    pub fn complete(mut self, grpc_status: Option<u32>) {
+        if self.grpc_in_trailers {
+            let status = grpc_status.map_or(200, crate::resilience::outlier::grpc_to_http);
+            self.cluster
+                .record(&self.config, self.host, AttemptResult::Status(status));
+        }
+        if let Some(lease) = self.lease.take() {
+            lease.release(&self.config.settings);
+        }
+    }
+
+    /// The upstream broke the response midway.
+    pub fn failed(self) {
+        if self.grpc_in_trailers {
+            self.cluster
+                .record(&self.config, self.host, AttemptResult::Reset);
+        }
+    }
+}
+
+/// One client pod: its share of the node budget and its clusters.
+pub struct ClientState {
+    pub key: Arc<str>,
+    pub source_workload: Arc<str>,
+    pub source_namespace: Arc<str>,
+    budget: Arc<ClientBudget>,
+    clusters: Mutex<HashMap<Arc<str>, Arc<ClientCluster>>>,
+}
+
+impl ClientState {
+    /// Clusters of this client with their stats (admin `/stats`).
+    pub fn clusters(&self) -> Vec<Arc<ClientCluster>> {
+        self.clusters
+            .lock()
+            .expect("clusters lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// All client pods seen on this node.
 pub struct ClusterRegistry {
-    generation: std::sync::atomic::AtomicU64,
-    by_client: Mutex<HashMap<ClientClusterKey, Arc<ClientCluster>>>,
+    generation: AtomicU64,
+    node: Arc<NodeBudget>,
+    clients: Mutex<HashMap<Arc<str>, Arc<ClientState>>>,
 }
 
 impl ClusterRegistry {
+    pub fn new(node: NodeBudget) -> Self {
+        ClusterRegistry {
+            generation: AtomicU64::new(0),
+            node: Arc::new(node),
+            clients: Mutex::default(),
+        }
+    }
+
     /// Called when a new configuration is installed.
     pub fn bump_generation(&self) {
         self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn node_budget(&self) -> &Arc<NodeBudget> {
+        &self.node
+    }
+
+    /// The state of a client pod (once per downstream connection).
+    pub fn client(
+        &self,
+        key: Arc<str>,
+        source_workload: Arc<str>,
+        source_namespace: Arc<str>,
+    ) -> Arc<ClientState> {
+        let mut clients = self.clients.lock().expect("registry lock");
+        clients
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(ClientState {
+                    key,
+                    source_workload,
+                    source_namespace,
+                    budget: Arc::default(),
+                    clusters: Mutex::default(),
+                })
+            })
+            .clone()
+    }
+
+    pub fn clients(&self) -> Vec<Arc<ClientState>> {
+        self.clients
+            .lock()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The client's cluster for a routing decision, (re)built for the current generation.
     pub fn resolve(
         &self,
         snap: &Snapshot,
@@ -59,55 +281,154 @@ impl ClusterRegistry {
         cluster_name: Arc<str>,
     ) -> Arc<ClientCluster> {
         let generation = self.generation.load(Ordering::Relaxed);
-        let key = (conn.client_key.clone(), cluster_name);
-        let mut map = self.by_client.lock().expect("registry lock");
-        if let Some(existing) = map.get(&key)
-            && existing.generation == generation
-        {
-            return existing.clone();
+        let client = &conn.client_state;
+        let cluster = {
+            let mut clusters = client.clusters.lock().expect("clusters lock");
+            if let Some(existing) = clusters.get(&cluster_name) {
+                if existing.current.load().generation == generation {
+                    return existing.clone();
+                }
+                existing.clone()
+            } else {
+                let fresh = Arc::new(ClientCluster {
+                    name: cluster_name.clone(),
+                    budgets: Budgets {
+                        cluster: Arc::new(Breaker::default()),
+                        client: client.budget.clone(),
+                        node: self.node.clone(),
+                    },
+                    stats: Arc::default(),
+                    slots: Mutex::default(),
+                    current: ArcSwap::from_pointee(empty_config()),
+                    sweeper_running: AtomicBool::new(false),
+                });
+                clusters.insert(cluster_name, fresh.clone());
+                fresh
+            }
+        };
+        let config = build_config(snap, conn, client_ns, decision, generation, &cluster);
+        let has_outlier = config.outlier.is_some();
+        cluster.current.store(Arc::new(config));
+        if has_outlier {
+            cluster.start_sweeper();
         }
-        let service = &decision.target.service;
-        let port = &service.ports[decision.target.port_idx];
-        let dr = route::destination_rule_for(snap, conn.client.as_deref(), client_ns, service);
-        let subset_labels = decision
-            .subset
-            .as_deref()
-            .and_then(|name| dr.and_then(|dr| dr.subsets.iter().find(|s| s.name == name)))
-            .map(|s| &s.labels);
-        let endpoints: Vec<Arc<Endpoint>> = port
-            .endpoints
-            .iter()
-            .filter(|e| e.ready)
-            .filter(|e| match (decision.subset.as_ref(), subset_labels) {
-                (None, _) => true,
-                // A subset no DestinationRule defines selects nothing (Envoy: no cluster members).
-                (Some(_), None) => false,
-                (Some(_), Some(sel)) => e
-                    .labels()
-                    .is_some_and(|l| sel.iter().all(|(k, v)| l.get(k) == Some(v))),
-            })
-            .cloned()
-            .collect();
-        let policy =
-            dr.map(|dr| route::effective_policy(dr, decision.subset.as_deref(), port.port));
-        let connect_timeout = policy
-            .as_ref()
-            .and_then(|p| p.connection_pool.as_ref())
-            .and_then(|cp| cp.tcp.as_ref())
-            .and_then(|tcp| tcp.connect_timeout)
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let pools = map
-            .get(&key)
-            .map(|old| old.pools.lock().expect("pools lock").clone())
-            .unwrap_or_default();
-        let fresh = Arc::new(ClientCluster {
-            generation,
-            endpoints,
-            connect_timeout,
-            rr: AtomicUsize::new(fastrand::usize(..)),
-            pools: Mutex::new(pools),
-        });
-        map.insert(key, fresh.clone());
-        fresh
+        cluster
+    }
+}
+
+fn empty_config() -> ClusterConfig {
+    ClusterConfig {
+        generation: u64::MAX,
+        hosts: Vec::new(),
+        balancer: Balancer::new::<Host>(
+            &[],
+            &BalancerConfig {
+                policy: None,
+                locality_setting: None,
+                client_locality: None,
+                client_labels: None,
+                outlier_detection_enabled: false,
+                min_health_percent: 0,
+            },
+        ),
+        lb_policy: None,
+        outlier: None,
+        limits: Limits::default(),
+        settings: ConnSettings::default(),
+    }
+}
+
+fn build_config(
+    snap: &Snapshot,
+    conn: &ConnContext,
+    client_ns: &str,
+    decision: &RouteDecision,
+    generation: u64,
+    cluster: &ClientCluster,
+) -> ClusterConfig {
+    let service = &decision.target.service;
+    let port = &service.ports[decision.target.port_idx];
+    let dr = route::destination_rule_for(snap, conn.client.as_deref(), client_ns, service);
+    let subset_labels = decision
+        .subset
+        .as_deref()
+        .and_then(|name| dr.and_then(|dr| dr.subsets.iter().find(|s| s.name == name)))
+        .map(|s| &s.labels);
+    let policy: TrafficPolicy = dr
+        .map(|dr| route::effective_policy(dr, decision.subset.as_deref(), port.port))
+        .unwrap_or_default();
+
+    let mut slots = cluster.slots.lock().expect("slots lock");
+    let hosts: Vec<Host> = port
+        .endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .filter(|e| match (decision.subset.as_ref(), subset_labels) {
+            (None, _) => true,
+            // A subset no DestinationRule defines selects nothing.
+            (Some(_), None) => false,
+            (Some(_), Some(sel)) => e
+                .labels()
+                .is_some_and(|l| sel.iter().all(|(k, v)| l.get(k) == Some(v))),
+        })
+        .map(|e| Host {
+            slot: slots
+                .entry(e.addr)
+                .or_insert_with(|| {
+                    Arc::new(EndpointSlot {
+                        addr: e.addr,
+                        active: AtomicU32::new(0),
+                        outlier: HostOutlier::default(),
+                        pool: Arc::new(EndpointPool::new(e.addr)),
+                    })
+                })
+                .clone(),
+            endpoint: e.clone(),
+        })
+        .collect();
+    // Endpoints that left the cluster are forgotten (their pools close when idle).
+    slots.retain(|addr, slot| {
+        let keep = hosts.iter().any(|h| h.slot.addr == *addr);
+        if !keep {
+            if let Some(detector) = &cluster.current.load().outlier {
+                detector.forget(&slot.outlier);
+            }
+        }
+        keep
+    });
+    drop(slots);
+
+    let previous = cluster.current.load();
+    let outlier = policy.outlier_detection.as_ref().map(|od| {
+        let wanted = OutlierConfig::from_istio(od);
+        match previous.outlier.as_ref().filter(|d| *d.config() == wanted) {
+            Some(same) => same.clone(),
+            None => Arc::new(OutlierDetector::new(wanted)),
+        }
+    });
+    drop(previous);
+    let lb_settings = policy.load_balancer.as_ref();
+    let node_locality = snap.node.as_ref().map(|n| &n.locality);
+    let balancer = Balancer::new(
+        &hosts,
+        &BalancerConfig {
+            policy: lb_settings.and_then(|l| l.policy.as_ref()),
+            locality_setting: lb_settings.and_then(|l| l.locality_lb_setting.as_ref()),
+            client_locality: node_locality,
+            client_labels: conn.client.as_ref().map(|w| &w.labels),
+            outlier_detection_enabled: outlier.is_some(),
+            min_health_percent: outlier
+                .as_ref()
+                .map_or(0, |d| d.config().min_health_percent),
+        },
+    );
+    ClusterConfig {
+        generation,
+        hosts,
+        balancer,
+        lb_policy: lb_settings.and_then(|l| l.policy.clone()),
+        outlier,
+        limits: Limits::from_istio(policy.connection_pool.as_ref()),
+        settings: ConnSettings::from_istio(policy.connection_pool.as_ref()),
     }
 }

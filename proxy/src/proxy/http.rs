@@ -13,14 +13,18 @@ use hyper::body::Incoming;
 use tokio::time::Instant as TokioInstant;
 
 use super::body::{Exchange, RequestBody, ResponseBody, grpc_status};
+use super::cluster::{ClientCluster, ClusterConfig, InFlight, UpstreamHold};
 use super::route::{self, RequestView, RouteDecision, RouteError};
 use super::{ConnContext, Shared};
-use crate::lb;
-use crate::resilience::pool::{SendFailure, Sent, UpstreamProtocol};
+use crate::lb::{self, PickContext};
+use crate::resilience::breaker::Permit;
+use crate::resilience::outlier::{AttemptResult, grpc_to_http};
+use crate::resilience::pool::{AttemptEnv, EndpointPool, SendFailure, Sent, UpstreamProtocol};
 use crate::resilience::retry::backoff;
 use crate::state::AppProtocol;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::AccessLogEntry;
+use crate::telemetry::stats::ClusterStats;
 
 /// Serves one downstream request.
 pub async fn serve(
@@ -122,8 +126,12 @@ pub async fn serve(
         Err(RouteError::NoRoute) => {
             return Ok(no_route(exchange, is_grpc));
         }
-        Err(RouteError::NoCluster(host)) => {
-            tracing::debug!(%host, "route destination is not a known service");
+        Err(RouteError::NoCluster {
+            cluster,
+            route_name,
+        }) => {
+            tracing::debug!(%cluster, "route destination is not a known cluster");
+            exchange.entry.route_name = route_name;
             exchange
                 .entry
                 .response_flags
@@ -169,27 +177,26 @@ async fn forward(
     let cluster = shared
         .clusters
         .resolve(snap, conn, client_ns, &decision, cluster_name);
-    if cluster.endpoints.is_empty() {
-        exchange
-            .entry
-            .response_flags
-            .set(ResponseFlag::NoHealthyUpstream);
-        return local_reply(
-            exchange,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_healthy_upstream",
-            "no healthy upstream",
-            is_grpc,
-        );
-    }
-    let protocol = upstream_protocol(
-        decision.target.service.ports[decision.target.port_idx].protocol,
-        parts.version,
-    );
+    let config = cluster.config().clone();
+    let stats = &cluster.stats;
+    let env = AttemptEnv {
+        budgets: &cluster.budgets,
+        limits: &config.limits,
+        settings: &config.settings,
+        stats,
+    };
+    let service_port = &decision.target.service.ports[decision.target.port_idx];
+    let protocol = upstream_protocol(service_port.protocol, parts.version, &config);
     let deadline = decision
         .timeout
         .map(|t| TokioInstant::from_std(exchange.started + t));
     let retry = &decision.retry;
+    let hash = lb::request_hash(
+        config.lb_policy.as_ref(),
+        &parts.headers,
+        &parts.uri,
+        conn.peer.ip(),
+    );
     // Upgrades (WebSocket) are tunnels: one attempt, never replayed.
     let max_attempts = if on_upgrade.is_some() {
         1
@@ -197,14 +204,67 @@ async fn forward(
         1 + retry.attempts
     };
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(max_attempts as usize);
+    let mut retry_permit: Option<Permit> = None;
     let mut attempt = 0;
+
+    // `http2MaxRequests` bounds requests in flight to the cluster.
+    let Some(request_permit) = cluster.budgets.try_request(&config.limits) else {
+        ClusterStats::inc(&stats.upstream_rq_pending_overflow);
+        return overflow_reply(exchange, is_grpc);
+    };
+    let mut request_permit = Some(request_permit);
+    let mut cancelled = CancelGuard(Some(stats));
+
     loop {
         attempt += 1;
         exchange.entry.upstream_request_attempt_count = attempt;
-        let endpoint = lb::pick(&cluster.endpoints, &tried, &cluster.rr);
-        tried.push(endpoint.addr);
-        exchange.entry.upstream_host = Some(endpoint.addr);
-        let pool = cluster.pool(endpoint.addr);
+        let picked = if config.balancer.is_passthrough() {
+            conn.orig_dst.map(Target::Passthrough)
+        } else {
+            config
+                .balancer
+                .pick(
+                    &config.hosts,
+                    &PickContext {
+                        tried: &tried,
+                        hash,
+                    },
+                )
+                .map(Target::Host)
+        };
+        let Some(target) = picked else {
+            cancelled.0 = None;
+            exchange
+                .entry
+                .response_flags
+                .set(ResponseFlag::NoHealthyUpstream);
+            body.drain_available().await;
+            return local_reply(
+                exchange,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_upstream",
+                "no healthy upstream",
+                is_grpc,
+            );
+        };
+        let (addr, pool, in_flight) = match target {
+            Target::Host(i) => {
+                let slot = &config.hosts[i].slot;
+                (
+                    slot.addr,
+                    slot.pool.clone(),
+                    Some(InFlight::start(slot.clone(), stats.clone())),
+                )
+            }
+            Target::Passthrough(addr) => (addr, Arc::new(EndpointPool::new(addr)), None),
+        };
+        let host_index = match target {
+            Target::Host(i) => Some(i),
+            Target::Passthrough(_) => None,
+        };
+        tried.push(addr);
+        exchange.entry.upstream_host = Some(addr);
+        ClusterStats::inc(&stats.upstream_rq_total);
         let upstream_req = upstream_request(
             &parts,
             body.replay(),
@@ -220,38 +280,72 @@ async fn forward(
         // Written as soon as the connection exists, so a client abort mid-attempt still logs it.
         exchange.entry.upstream_local_address = None;
         let send = pool.send(
+            &env,
             protocol,
             upstream_req,
-            cluster.connect_timeout,
             &mut exchange.entry.upstream_local_address,
         );
         let result = match try_deadline {
             Some(at) => tokio::time::timeout_at(at, send).await.ok(),
             None => Some(send.await),
         };
+        let record = |result: AttemptResult| {
+            if let Some(i) = host_index {
+                cluster.record(&config, i, result);
+            }
+        };
+
         let failure = match result {
             Some(Ok(sent)) => {
                 let status = sent.response.status();
+                stats.count_status(status.as_u16());
                 let grpc = if is_grpc {
                     grpc_status(sent.response.headers())
                 } else {
                     None
                 };
+                record(AttemptResult::ConnectSucceeded);
+                // gRPC errors usually come trailers-only; otherwise the trailers decide (see UpstreamHold).
+                let grpc_in_trailers = is_grpc && grpc.is_none() && status == StatusCode::OK;
+                if !grpc_in_trailers {
+                    record(AttemptResult::Status(
+                        grpc.map_or(status.as_u16(), grpc_to_http),
+                    ));
+                }
                 let retriable = retry.retry_on.retries_status(status.as_u16())
                     || grpc.is_some_and(|g| retry.retry_on.retries_grpc_status(g));
-                if retriable
-                    && retry.attempts > 0
-                    && retry_after_backoff(
+                if retriable && retry.attempts > 0 {
+                    match next_attempt(
                         attempt,
                         max_attempts,
                         &body,
                         &mut exchange.entry,
                         deadline,
+                        &cluster,
+                        &config,
                     )
                     .await
-                {
-                    continue;
+                    {
+                        NextAttempt::Go(permit) => {
+                            retry_permit = Some(permit);
+                            continue;
+                        }
+                        NextAttempt::Stop => {}
+                    }
+                } else if attempt > 1 {
+                    ClusterStats::inc(&stats.upstream_rq_retry_success);
                 }
+                drop(retry_permit);
+                cancelled.0 = None;
+                let hold = in_flight.map(|in_flight| UpstreamHold {
+                    lease: None,
+                    config: config.clone(),
+                    cluster: cluster.clone(),
+                    host: host_index.unwrap_or(0),
+                    grpc_in_trailers,
+                    request: request_permit.take(),
+                    in_flight,
+                });
                 return upstream_response(
                     shared,
                     exchange,
@@ -260,12 +354,16 @@ async fn forward(
                     grpc,
                     deadline,
                     on_upgrade,
+                    hold,
                 );
             }
             None => {
+                record(AttemptResult::Timeout);
                 let global =
                     deadline.is_some_and(|d| try_deadline == Some(d) && TokioInstant::now() >= d);
                 if global {
+                    cancelled.0 = None;
+                    ClusterStats::inc(&stats.upstream_rq_timeout);
                     exchange
                         .entry
                         .response_flags
@@ -278,6 +376,7 @@ async fn forward(
                         is_grpc,
                     );
                 }
+                ClusterStats::inc(&stats.upstream_rq_per_try_timeout);
                 Failure {
                     flag: ResponseFlag::UpstreamRequestTimeout,
                     status: StatusCode::GATEWAY_TIMEOUT,
@@ -287,15 +386,36 @@ async fn forward(
                     retriable: retry.retry_on.retries_per_try_timeout(),
                 }
             }
-            Some(Err(err)) => Failure::from_send(err, retry),
+            Some(Err(err)) => {
+                match &err {
+                    SendFailure::Connect(_) => record(AttemptResult::ConnectFailed),
+                    SendFailure::Overflow => {}
+                    _ => record(AttemptResult::Reset),
+                }
+                Failure::from_send(err, retry)
+            }
         };
-        if failure.retriable
-            && retry.attempts > 0
-            && retry_after_backoff(attempt, max_attempts, &body, &mut exchange.entry, deadline)
-                .await
-        {
-            continue;
+        drop(in_flight);
+        if failure.retriable && retry.attempts > 0 {
+            match next_attempt(
+                attempt,
+                max_attempts,
+                &body,
+                &mut exchange.entry,
+                deadline,
+                &cluster,
+                &config,
+            )
+            .await
+            {
+                NextAttempt::Go(permit) => {
+                    retry_permit = Some(permit);
+                    continue;
+                }
+                NextAttempt::Stop => {}
+            }
         }
+        cancelled.0 = None;
         exchange.entry.response_flags.set(failure.flag);
         exchange.entry.upstream_transport_failure_reason = failure.transport.clone();
         // Count request bytes that already arrived, as Envoy (which reads them anyway) does.
@@ -312,17 +432,58 @@ async fn forward(
     }
 }
 
-/// For a retriable outcome: waits the back-off and returns true when another
-/// attempt may start. Otherwise marks `URX` if the retry budget (attempts or
-/// route deadline) ran out; a body too large to replay abandons the retry
-/// without `URX`, as Envoy does, and says so in the log.
-async fn retry_after_backoff(
+/// Where one attempt goes.
+#[derive(Clone, Copy)]
+enum Target {
+    Host(usize),
+    /// `PASSTHROUGH`: the connection's original destination.
+    Passthrough(SocketAddr),
+}
+
+/// Counts `upstream_rq_cancelled` when the client leaves mid-request.
+struct CancelGuard<'a>(Option<&'a Arc<ClusterStats>>);
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(stats) = self.0 {
+            ClusterStats::inc(&stats.upstream_rq_cancelled);
+        }
+    }
+}
+
+fn overflow_reply(mut exchange: Box<Exchange>, is_grpc: bool) -> Response<ResponseBody> {
+    exchange
+        .entry
+        .response_flags
+        .set(ResponseFlag::UpstreamOverflow);
+    local_reply(
+        exchange,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream_reset_before_response_started{overflow}",
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        is_grpc,
+    )
+}
+
+enum NextAttempt {
+    /// Retry, holding a `maxRetries` slot.
+    Go(Permit),
+    Stop,
+}
+
+/// For a retriable outcome: takes a retry slot and waits the back-off.
+/// Otherwise marks `URX` if the retry budget (attempts or route deadline) ran
+/// out. A body too large to replay abandons the retry without `URX`, as Envoy
+/// does, and says so in the log; so does a full `maxRetries` budget (counted
+/// as `upstream_rq_retry_overflow`).
+async fn next_attempt(
     attempt: u32,
     max_attempts: u32,
     body: &RequestBody,
     entry: &mut AccessLogEntry,
     deadline: Option<TokioInstant>,
-) -> bool {
+    cluster: &ClientCluster,
+    config: &ClusterConfig,
+) -> NextAttempt {
     if attempt < max_attempts && !body.can_replay() {
         tracing::info!(
             request_id = entry.request_id.as_deref().unwrap_or("-"),
@@ -330,19 +491,25 @@ async fn retry_after_backoff(
             "not retrying: the request body exceeded the {} KiB replay buffer",
             super::body::REPLAY_BUFFER_LIMIT / 1024
         );
-        return false;
+        return NextAttempt::Stop;
     }
     if attempt < max_attempts {
         let wake = TokioInstant::now() + backoff(attempt);
         if deadline.is_none_or(|d| wake < d) {
+            let Some(permit) = cluster.budgets.try_retry(&config.limits) else {
+                ClusterStats::inc(&cluster.stats.upstream_rq_retry_overflow);
+                return NextAttempt::Stop;
+            };
+            ClusterStats::inc(&cluster.stats.upstream_rq_retry);
             tokio::time::sleep_until(wake).await;
-            return true;
+            return NextAttempt::Go(permit);
         }
     }
+    ClusterStats::inc(&cluster.stats.upstream_rq_retry_limit_exceeded);
     entry
         .response_flags
         .set(ResponseFlag::UpstreamRetryLimitExceeded);
-    false
+    NextAttempt::Stop
 }
 
 struct Failure {
@@ -417,6 +584,18 @@ impl Failure {
                     },
                 }
             }
+            SendFailure::Overflow => {
+                let (details, body) = reset("overflow", None);
+                Failure {
+                    flag: ResponseFlag::UpstreamOverflow,
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    details,
+                    body,
+                    transport: None,
+                    // Envoy never retries an overflow.
+                    retriable: false,
+                }
+            }
             SendFailure::Protocol(msg) => {
                 tracing::debug!(%msg, "upstream protocol error");
                 let (details, body) = reset("protocol_error", None);
@@ -433,6 +612,7 @@ impl Failure {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn upstream_response(
     shared: &Arc<Shared>,
     mut exchange: Box<Exchange>,
@@ -441,12 +621,13 @@ fn upstream_response(
     grpc: Option<u32>,
     deadline: Option<TokioInstant>,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    mut hold: Option<UpstreamHold>,
 ) -> Response<ResponseBody> {
     let now = Instant::now();
     let Sent {
         mut response,
         local,
-        pool_return,
+        lease,
     } = sent;
     let upstream_upgrade = (response.status() == StatusCode::SWITCHING_PROTOCOLS
         && on_upgrade.is_some())
@@ -459,22 +640,24 @@ fn upstream_response(
     exchange.entry.upstream_local_address = Some(local);
     exchange.entry.grpc_status = grpc;
     if let (Some(downstream), Some(upstream)) = (on_upgrade, upstream_upgrade) {
-        {
-            strip_hop_by_hop(&mut parts.headers, true);
-            tokio::spawn(super::tunnel::splice_upgrade(
-                downstream,
-                upstream,
-                exchange,
-                shared.clone(),
-            ));
-            return Response::from_parts(parts, ResponseBody::empty());
-        }
+        strip_hop_by_hop(&mut parts.headers, true);
+        tokio::spawn(super::tunnel::splice_upgrade(
+            downstream,
+            upstream,
+            exchange,
+            shared.clone(),
+            hold,
+        ));
+        return Response::from_parts(parts, ResponseBody::empty());
     }
     strip_hop_by_hop(&mut parts.headers, false);
+    if let Some(h) = hold.as_mut() {
+        h.lease = lease;
+    }
     let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
     Response::from_parts(
         parts,
-        ResponseBody::upstream(body, exchange, deadline, pool_return),
+        ResponseBody::upstream(body, exchange, deadline, hold),
     )
 }
 
@@ -555,9 +738,14 @@ fn percent_encode_grpc_message(text: &str) -> HeaderValue {
 /// HTTP/2 and gRPC ports talk HTTP/2 upstream; HTTP ports HTTP/1.1; ports
 /// whose protocol was sniffed keep the client's protocol (Istio's
 /// `USE_DOWNSTREAM_PROTOCOL`).
-fn upstream_protocol(port: AppProtocol, downstream: http::Version) -> UpstreamProtocol {
+fn upstream_protocol(
+    port: AppProtocol,
+    downstream: http::Version,
+    config: &ClusterConfig,
+) -> UpstreamProtocol {
     match port {
         AppProtocol::Http2 | AppProtocol::Grpc => UpstreamProtocol::Http2,
+        AppProtocol::Http if config.settings.h2_upgrade => UpstreamProtocol::Http2,
         AppProtocol::Http => UpstreamProtocol::Http1,
         AppProtocol::Tcp | AppProtocol::Unknown => {
             if downstream == http::Version::HTTP_2 {

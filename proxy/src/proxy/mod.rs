@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::redirect::OriginalDst;
+use crate::resilience::breaker::NodeBudget;
 use crate::state::{AppProtocol, Snapshot, Workload};
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::{AccessLogEntry, AccessLogger};
@@ -45,6 +46,12 @@ pub struct ProxySettings {
     pub http2_max_pending_accept_reset_streams: usize,
     /// How long protocol detection waits for the first bytes (default 10 s, then TCP).
     pub sniff_timeout: Duration,
+    /// Node-wide cap on upstream connections across all clients (default 16384).
+    pub max_upstream_connections: u32,
+    /// Node-wide cap on requests waiting for a connection (default 16384).
+    pub max_pending_requests: u32,
+    /// Largest share (percent) of each node-wide cap one client pod may hold (default 50).
+    pub max_client_share_percent: u32,
 }
 
 impl Default for ProxySettings {
@@ -56,6 +63,9 @@ impl Default for ProxySettings {
             http2_max_concurrent_streams: 1024,
             http2_max_pending_accept_reset_streams: 20,
             sniff_timeout: Duration::from_secs(10),
+            max_upstream_connections: 16 * 1024,
+            max_pending_requests: 16 * 1024,
+            max_client_share_percent: 50,
         }
     }
 }
@@ -79,7 +89,11 @@ impl Shared {
         Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             logger,
-            clusters: ClusterRegistry::default(),
+            clusters: ClusterRegistry::new(NodeBudget::new(
+                settings.max_upstream_connections,
+                settings.max_pending_requests,
+                settings.max_client_share_percent,
+            )),
             settings,
             original_dst,
         }
@@ -104,6 +118,8 @@ pub struct ConnContext {
     pub source_namespace: Arc<str>,
     /// The Service the original destination names, if any.
     pub vip_target: Option<ServiceTarget>,
+    /// Per-client upstream state (pools, breakers, outlier detection).
+    pub client_state: Arc<cluster::ClientState>,
 }
 
 /// Accepts connections until `shutdown`; each connection is tracked so the
@@ -165,7 +181,13 @@ async fn handle_connection(
                 Arc::from("unknown"),
             ),
         };
+    let client_state = shared.clusters.client(
+        client_key.clone(),
+        source_workload.clone(),
+        source_namespace.clone(),
+    );
     let ctx = Arc::new(ConnContext {
+        client_state,
         peer,
         local,
         orig_dst,

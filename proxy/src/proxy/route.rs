@@ -238,9 +238,14 @@ pub enum RouteError {
     /// A VirtualService covers the host but none of its routes match: 404 `NR`.
     #[error("no route matched")]
     NoRoute,
-    /// The route names a host that is not a known Service: 503 `NC`.
-    #[error("destination {0} is not a known service")]
-    NoCluster(String),
+    /// The route names a host that is not a known Service, or a subset no
+    /// DestinationRule defines (Istio builds no cluster for it): 503 `NC`.
+    #[error("{cluster} is not a known cluster")]
+    NoCluster {
+        cluster: String,
+        /// The route that matched, for the access log.
+        route_name: Option<Arc<str>>,
+    },
 }
 
 /// Request facts the VirtualService matchers look at.
@@ -277,12 +282,32 @@ pub fn route(
             retry: default_retry_policy(),
         });
     };
-    let http_route = vs
+    let (http_route, matched) = vs
         .http
         .iter()
-        .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| matches(m, req)))
+        .find_map(|r| {
+            if r.matches.is_empty() {
+                Some((r, None))
+            } else {
+                r.matches
+                    .iter()
+                    .find(|m| matches(m, req))
+                    .map(|m| (r, Some(m)))
+            }
+        })
         .ok_or(RouteError::NoRoute)?;
-    decide(snap, target, http_route)
+    // Istio names the Envoy route `<route>.<match>` when the match block is named.
+    let route_name: Option<Arc<str>> = match (
+        http_route.name.as_deref(),
+        matched.and_then(|m| m.name.as_deref()),
+    ) {
+        (name, Some(match_name)) => Some(Arc::from(format!(
+            "{}.{match_name}",
+            name.unwrap_or_default()
+        ))),
+        (name, None) => name.map(Arc::from),
+    };
+    decide(snap, target, http_route, route_name, req)
 }
 
 fn virtual_service_for<'a>(
@@ -317,14 +342,26 @@ fn decide(
     snap: &Snapshot,
     target: &ServiceTarget,
     http_route: &HttpRoute,
+    route_name: Option<Arc<str>>,
+    req: &RequestView<'_>,
 ) -> Result<RouteDecision, RouteError> {
     let dest = pick_weighted(&http_route.route).ok_or(RouteError::NoRoute)?;
+    let no_cluster = |cluster: String| RouteError::NoCluster {
+        cluster,
+        route_name: route_name.clone(),
+    };
     let service = if dest.host_fqdn == target.service.fqdn {
         target.service.clone()
     } else {
-        service_for_fqdn(snap, &dest.host_fqdn)
-            .ok_or_else(|| RouteError::NoCluster(dest.host_fqdn.clone()))?
+        service_for_fqdn(snap, &dest.host_fqdn).ok_or_else(|| no_cluster(dest.host_fqdn.clone()))?
     };
+    if let Some(subset) = &dest.subset {
+        let defined = destination_rule_for(snap, req.client, req.client_ns, &service)
+            .is_some_and(|dr| dr.subsets.iter().any(|s| &s.name == subset));
+        if !defined {
+            return Err(no_cluster(format!("subset {subset} of {}", service.fqdn)));
+        }
+    }
     let port_idx = match dest.port {
         Some(p) => service.ports.iter().position(|sp| sp.port == p),
         None if Arc::ptr_eq(&service, &target.service) => Some(target.port_idx),
@@ -334,9 +371,9 @@ fn decide(
             .position(|sp| sp.port == target.port())
             .or_else(|| (service.ports.len() == 1).then_some(0)),
     }
-    .ok_or_else(|| RouteError::NoCluster(dest.host_fqdn.clone()))?;
+    .ok_or_else(|| no_cluster(dest.host_fqdn.clone()))?;
     Ok(RouteDecision {
-        route_name: http_route.name.as_deref().map(Arc::from),
+        route_name,
         target: ServiceTarget { service, port_idx },
         subset: dest.subset.clone(),
         timeout: http_route.timeout.filter(|t| !t.is_zero()),

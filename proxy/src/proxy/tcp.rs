@@ -1,18 +1,22 @@
 //! Plain TCP to a Service whose port is TCP or whose traffic is not HTTP.
-//! Envoy's `tcp_proxy`: one connect attempt, then bytes both ways; the
-//! access log line is written when the connection closes.
+//! Envoy's `tcp_proxy`: one connect attempt under the cluster's connection
+//! limit (`UO` when it is reached), then bytes both ways; the access log line
+//! is written when the connection closes.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use tokio::net::TcpStream;
 
-use super::cluster::ClientCluster;
+use super::cluster::InFlight;
 use super::route::{RouteDecision, ServiceTarget, default_retry_policy};
 use super::{ConnContext, Shared};
+use crate::lb::PickContext;
+use crate::resilience::outlier::AttemptResult;
 use crate::resilience::pool::connect;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::AccessLogEntry;
+use crate::telemetry::stats::ClusterStats;
 
 pub async fn proxy(
     mut downstream: TcpStream,
@@ -42,28 +46,47 @@ pub async fn proxy(
         .client
         .as_ref()
         .map_or("default", |w| w.namespace.as_str());
-    let cluster: Arc<ClientCluster> =
-        shared
-            .clusters
-            .resolve(&snap, &ctx, client_ns, &decision, cluster_name);
+    let cluster = shared
+        .clusters
+        .resolve(&snap, &ctx, client_ns, &decision, cluster_name);
     drop(snap);
-    if cluster.endpoints.is_empty() {
-        entry.response_flags.set(ResponseFlag::NoHealthyUpstream);
+    let config = cluster.config().clone();
+    let finish = |mut entry: AccessLogEntry| {
         entry.duration = started.elapsed();
         shared.logger.log(entry);
-        return;
-    }
-    let endpoint = crate::lb::pick(&cluster.endpoints, &[], &cluster.rr).clone();
-    entry.upstream_host = Some(endpoint.addr);
+    };
+    let Some(index) = config.balancer.pick(
+        &config.hosts,
+        &PickContext {
+            tried: &[],
+            hash: None,
+        },
+    ) else {
+        entry.response_flags.set(ResponseFlag::NoHealthyUpstream);
+        return finish(entry);
+    };
+    let slot = config.hosts[index].slot.clone();
+    entry.upstream_host = Some(slot.addr);
     entry.upstream_request_attempt_count = 1;
-    match connect(endpoint.addr, cluster.connect_timeout).await {
+    let Some(permit) = cluster.budgets.try_connection(&config.limits) else {
+        ClusterStats::inc(&cluster.stats.upstream_cx_overflow);
+        entry.response_flags.set(ResponseFlag::UpstreamOverflow);
+        return finish(entry);
+    };
+    let _in_flight = InFlight::start(slot.clone(), cluster.stats.clone());
+    match connect(slot.addr, &config.settings).await {
         Err(failure) => {
+            cluster.record(&config, index, AttemptResult::ConnectFailed);
+            ClusterStats::inc(&cluster.stats.upstream_cx_connect_fail);
             entry
                 .response_flags
                 .set(ResponseFlag::UpstreamConnectionFailure);
             entry.upstream_transport_failure_reason = failure.transport_failure_reason();
         }
         Ok((mut upstream, local)) => {
+            cluster.record(&config, index, AttemptResult::ConnectSucceeded);
+            ClusterStats::inc(&cluster.stats.upstream_cx_total);
+            ClusterStats::inc(&cluster.stats.upstream_cx_active);
             entry.upstream_local_address = Some(local);
             // Draining does not cut TCP streams; the process exit at the end of the drain does.
             match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
@@ -78,8 +101,9 @@ pub async fn proxy(
                         .set(ResponseFlag::UpstreamConnectionTermination);
                 }
             }
+            ClusterStats::dec(&cluster.stats.upstream_cx_active);
         }
     }
-    entry.duration = started.elapsed();
-    shared.logger.log(entry);
+    drop(permit);
+    finish(entry);
 }

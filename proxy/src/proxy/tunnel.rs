@@ -8,12 +8,15 @@ use hyper_util::rt::TokioIo;
 
 use super::Shared;
 use super::body::Exchange;
+use super::cluster::UpstreamHold;
 
+/// `_hold` keeps the request slot and in-flight count for the tunnel's life.
 pub async fn splice_upgrade(
     downstream: OnUpgrade,
     upstream: OnUpgrade,
     mut exchange: Box<Exchange>,
     _shared: Arc<Shared>,
+    _hold: Option<UpstreamHold>,
 ) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,

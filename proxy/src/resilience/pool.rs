@@ -1,28 +1,105 @@
-//! Upstream connections, pooled per (client workload, cluster, endpoint).
+//! Upstream connections, pooled per (client pod, cluster, endpoint), under
+//! the cluster's connection limits.
 //!
-//! Pools are never shared between client workloads: that isolation is what
-//! lets connection limits and breakers apply per client, as a sidecar would.
-//! HTTP/1.1 keeps idle keep-alive connections; HTTP/2 multiplexes over one.
+//! Pools are never shared between client pods: that isolation is what lets a
+//! DestinationRule's limits apply per client, as with a sidecar. A request
+//! that finds no reusable connection and may not open one waits in the
+//! cluster's pending queue (bounded by `http1MaxPendingRequests`) until a
+//! connection frees up, or overflows (`UO`) at once when the queue is full.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
 
+use super::breaker::{Budgets, Limits, Permit};
 use crate::proxy::body::RequestBody;
+use crate::state::ConnectionPool;
+use crate::telemetry::stats::ClusterStats;
 
 /// Istio's default `connectTimeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Istio's default HTTP `idleTimeout` for upstream connections.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
     Http1,
     Http2,
+}
+
+/// How connections of one cluster are made and kept (from `connectionPool`).
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    pub connect_timeout: Duration,
+    /// `http.maxRequestsPerConnection` (1 disables keep-alive).
+    pub max_requests_per_connection: Option<u32>,
+    /// `http.idleTimeout` (or `tcp.idleTimeout`), default 1 h.
+    pub idle_timeout: Duration,
+    /// `tcp.maxConnectionDuration`.
+    pub max_connection_duration: Option<Duration>,
+    pub tcp_keepalive: Option<crate::state::TcpKeepalive>,
+    /// `http.maxConcurrentStreams`: streams per upstream HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+    /// `http.h2UpgradePolicy: UPGRADE`: HTTP/1.1 ports talk HTTP/2 upstream.
+    pub h2_upgrade: bool,
+}
+
+impl Default for ConnSettings {
+    fn default() -> Self {
+        ConnSettings {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_requests_per_connection: None,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connection_duration: None,
+            tcp_keepalive: None,
+            max_concurrent_streams: u32::MAX,
+            h2_upgrade: false,
+        }
+    }
+}
+
+impl ConnSettings {
+    pub fn from_istio(pool: Option<&ConnectionPool>) -> Self {
+        let tcp = pool.and_then(|p| p.tcp.as_ref());
+        let http = pool.and_then(|p| p.http.as_ref());
+        let d = ConnSettings::default();
+        ConnSettings {
+            connect_timeout: tcp
+                .and_then(|t| t.connect_timeout)
+                .unwrap_or(d.connect_timeout),
+            max_requests_per_connection: http
+                .and_then(|h| h.max_requests_per_connection)
+                .filter(|n| *n > 0),
+            idle_timeout: http
+                .and_then(|h| h.idle_timeout)
+                .or_else(|| tcp.and_then(|t| t.idle_timeout))
+                .unwrap_or(d.idle_timeout),
+            max_connection_duration: tcp.and_then(|t| t.max_connection_duration),
+            tcp_keepalive: tcp.and_then(|t| t.tcp_keepalive.clone()),
+            max_concurrent_streams: http
+                .and_then(|h| h.max_concurrent_streams)
+                .filter(|n| *n > 0)
+                .unwrap_or(d.max_concurrent_streams),
+            h2_upgrade: http
+                .is_some_and(|h| h.h2_upgrade_policy == crate::state::H2UpgradePolicy::Upgrade),
+        }
+    }
+
+    fn reusable(&self, created: Instant, requests: u32, now: Instant) -> bool {
+        self.max_requests_per_connection
+            .is_none_or(|max| requests < max)
+            && self
+                .max_connection_duration
+                .is_none_or(|d| now - created < d)
+    }
 }
 
 /// Why a connection to an endpoint could not be made (Envoy `UF`).
@@ -78,49 +155,100 @@ pub enum SendFailure {
     },
     /// The upstream spoke invalid HTTP (`UPE`).
     Protocol(String),
+    /// A circuit-breaker limit said no (`UO`).
+    Overflow,
 }
 
-/// A connection handed back to its pool once the response body ended cleanly.
-pub struct PoolReturn {
-    pool: std::sync::Arc<EndpointPool>,
-    sender: http1::SendRequest<RequestBody>,
-    local: SocketAddr,
+/// The connection (or stream) an upstream response is using; released when
+/// the response body ends cleanly, dropped (closing it) otherwise.
+pub enum Lease {
+    Http1 {
+        pool: Arc<EndpointPool>,
+        conn: IdleH1,
+        budgets: Budgets,
+    },
+    Http2 {
+        stream: H2Stream,
+    },
 }
 
-impl PoolReturn {
-    pub fn give_back(self) {
-        if !self.sender.is_closed() {
-            self.pool.h1_idle.lock().expect("pool lock").push(IdleH1 {
-                sender: self.sender,
-                local: self.local,
-            });
+impl Lease {
+    /// The exchange completed: a keep-alive connection goes back to its pool.
+    pub fn release(self, settings: &ConnSettings) {
+        if let Lease::Http1 {
+            pool,
+            mut conn,
+            budgets,
+        } = self
+        {
+            let now = Instant::now();
+            if !conn.sender.is_closed() && settings.reusable(conn.created, conn.requests, now) {
+                conn.idle_since = now;
+                pool.h1_idle.lock().expect("pool lock").push(conn);
+            }
+            // Either way capacity may have changed: a reusable connection, or one closing.
+            budgets.cluster.capacity.notify_waiters();
         }
     }
 }
 
-struct IdleH1 {
+pub struct IdleH1 {
     sender: http1::SendRequest<RequestBody>,
     local: SocketAddr,
+    created: Instant,
+    requests: u32,
+    idle_since: Instant,
 }
 
-#[derive(Clone)]
-struct SharedH2 {
+struct H2Conn {
     sender: http2::SendRequest<RequestBody>,
     local: SocketAddr,
+    created: Instant,
+    active: AtomicU32,
+    streams: AtomicU32,
 }
 
-/// Connections of one client workload to one endpoint of one cluster.
+/// One open stream on a shared HTTP/2 connection.
+pub struct H2Stream {
+    conn: Arc<H2Conn>,
+    budgets: Budgets,
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        self.conn.active.fetch_sub(1, Ordering::AcqRel);
+        self.budgets.cluster.capacity.notify_waiters();
+    }
+}
+
+/// Connections of one client pod to one endpoint of one cluster.
 pub struct EndpointPool {
     pub addr: SocketAddr,
     h1_idle: Mutex<Vec<IdleH1>>,
-    h2: Mutex<Option<SharedH2>>,
+    h2: Mutex<Vec<Arc<H2Conn>>>,
 }
 
 /// Result of one attempt that got response headers.
 pub struct Sent {
     pub response: http::Response<Incoming>,
     pub local: SocketAddr,
-    pub pool_return: Option<PoolReturn>,
+    pub lease: Option<Lease>,
+}
+
+/// What one attempt needs from its cluster.
+pub struct AttemptEnv<'a> {
+    pub budgets: &'a Budgets,
+    pub limits: &'a Limits,
+    pub settings: &'a ConnSettings,
+    pub stats: &'a Arc<ClusterStats>,
+}
+
+/// Decrements a gauge when the scope ends, however it ends.
+struct GaugeGuard<'a>(&'a AtomicU64);
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        ClusterStats::dec(self.0);
+    }
 }
 
 impl EndpointPool {
@@ -128,108 +256,203 @@ impl EndpointPool {
         EndpointPool {
             addr,
             h1_idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
+            h2: Mutex::new(Vec::new()),
         }
     }
 
-    /// Sends one request and waits for response headers. The caller bounds
-    /// the whole call with its per-try/route timeout.
+    /// Sends one request and waits for response headers: on a reused
+    /// connection, a new one if the limits allow, or after waiting in the
+    /// pending queue. The caller bounds the call with its timeouts.
     pub async fn send(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
+        env: &AttemptEnv<'_>,
         protocol: UpstreamProtocol,
-        req: http::Request<RequestBody>,
-        connect_timeout: Duration,
+        mut req: http::Request<RequestBody>,
         local: &mut Option<SocketAddr>,
     ) -> Result<Sent, SendFailure> {
-        match protocol {
-            UpstreamProtocol::Http1 => self.send_h1(req, connect_timeout, local).await,
-            UpstreamProtocol::Http2 => self.send_h2(req, connect_timeout, local).await,
+        let upgrade = req.headers().contains_key(http::header::UPGRADE);
+        let mut pending: Option<(Permit, GaugeGuard<'_>)> = None;
+        let mut overflow_counted = false;
+        loop {
+            // Register for a wake-up before looking, so a release in between is not missed.
+            let mut capacity = pin!(env.budgets.cluster.capacity.notified());
+            capacity.as_mut().enable();
+
+            match protocol {
+                UpstreamProtocol::Http1 if !upgrade => {
+                    while let Some(conn) = self.take_idle_h1(env) {
+                        *local = Some(conn.local);
+                        match self.send_h1(env, conn, req).await {
+                            Ok(sent) => return Ok(sent),
+                            Err((Some(back), _)) => req = back,
+                            Err((None, failure)) => return Err(failure),
+                        }
+                    }
+                }
+                UpstreamProtocol::Http2 => {
+                    if let Some(stream) = self.h2_stream(env) {
+                        *local = Some(stream.conn.local);
+                        return send_h2(stream, req).await;
+                    }
+                }
+                UpstreamProtocol::Http1 => {}
+            }
+
+            if let Some(permit) = env.budgets.try_connection(env.limits) {
+                drop(pending.take());
+                return self
+                    .connect_and_send(env, protocol, req, permit, upgrade, local)
+                    .await;
+            }
+
+            // No connection to be had: queue, or overflow if the queue is full.
+            if !overflow_counted {
+                overflow_counted = true;
+                ClusterStats::inc(&env.stats.upstream_cx_overflow);
+            }
+            if pending.is_none() {
+                let Some(permit) = env.budgets.try_pending(env.limits) else {
+                    ClusterStats::inc(&env.stats.upstream_rq_pending_overflow);
+                    return Err(SendFailure::Overflow);
+                };
+                ClusterStats::inc(&env.stats.upstream_rq_pending_total);
+                ClusterStats::inc(&env.stats.upstream_rq_pending_active);
+                pending = Some((permit, GaugeGuard(&env.stats.upstream_rq_pending_active)));
+            }
+            capacity.await;
         }
     }
 
-    async fn send_h1(
-        self: &std::sync::Arc<Self>,
-        mut req: http::Request<RequestBody>,
-        connect_timeout: Duration,
-        local: &mut Option<SocketAddr>,
-    ) -> Result<Sent, SendFailure> {
-        // Reuse an idle keep-alive connection; a request it could not even
-        // start (connection closed meanwhile) comes back and goes on a fresh one.
-        let upgrade = req.headers().contains_key(http::header::UPGRADE);
-        loop {
-            let idle = if upgrade {
-                None
-            } else {
-                self.h1_idle.lock().expect("pool lock").pop()
-            };
-            let Some(mut idle) = idle else { break };
-            if idle.sender.is_closed() || futures_ready(&mut idle.sender).await.is_err() {
+    fn take_idle_h1(&self, env: &AttemptEnv<'_>) -> Option<IdleH1> {
+        let now = Instant::now();
+        let mut idle = self.h1_idle.lock().expect("pool lock");
+        while let Some(conn) = idle.pop() {
+            if conn.sender.is_closed() {
                 continue;
             }
-            *local = Some(idle.local);
-            match idle.sender.try_send_request(req).await {
-                Ok(response) => {
-                    return Ok(Sent {
-                        response,
-                        local: idle.local,
-                        pool_return: Some(PoolReturn {
-                            pool: self.clone(),
-                            sender: idle.sender,
-                            local: idle.local,
-                        }),
-                    });
-                }
-                Err(mut err) => match err.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(classify_hyper(err.into_error())),
-                },
+            if now - conn.idle_since >= env.settings.idle_timeout {
+                ClusterStats::inc(&env.stats.upstream_cx_idle_timeout);
+                continue;
             }
+            if !env.settings.reusable(conn.created, conn.requests, now) {
+                continue;
+            }
+            return Some(conn);
         }
-        let (stream, local_addr) = connect(self.addr, connect_timeout)
-            .await
-            .map_err(SendFailure::Connect)?;
-        *local = Some(local_addr);
-        let (mut sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(classify_hyper)?;
-        tokio::spawn(async move {
-            if let Err(err) = conn.with_upgrades().await {
-                tracing::debug!(%err, "upstream HTTP/1.1 connection ended");
-            }
-        });
-        let response = sender.send_request(req).await.map_err(classify_hyper)?;
-        let pool_return = (!upgrade).then(|| PoolReturn {
-            pool: self.clone(),
-            sender,
-            local: local_addr,
-        });
-        Ok(Sent {
-            response,
-            local: local_addr,
-            pool_return,
-        })
+        None
     }
 
-    async fn send_h2(
-        self: &std::sync::Arc<Self>,
+    fn h2_stream(&self, env: &AttemptEnv<'_>) -> Option<H2Stream> {
+        let now = Instant::now();
+        let mut conns = self.h2.lock().expect("pool lock");
+        conns.retain(|c| !c.sender.is_closed());
+        for conn in conns.iter() {
+            if !env
+                .settings
+                .reusable(conn.created, conn.streams.load(Ordering::Acquire), now)
+            {
+                continue;
+            }
+            let took = conn
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < env.settings.max_concurrent_streams).then_some(n + 1)
+                })
+                .is_ok();
+            if took {
+                conn.streams.fetch_add(1, Ordering::AcqRel);
+                return Some(H2Stream {
+                    conn: conn.clone(),
+                    budgets: env.budgets.clone(),
+                });
+            }
+        }
+        None
+    }
+
+    /// Sends on an idle keep-alive connection. A request the connection could
+    /// not even start (it closed meanwhile) comes back for a fresh connection.
+    async fn send_h1(
+        self: &Arc<Self>,
+        env: &AttemptEnv<'_>,
+        mut conn: IdleH1,
         req: http::Request<RequestBody>,
-        connect_timeout: Duration,
+    ) -> Result<Sent, (Option<http::Request<RequestBody>>, SendFailure)> {
+        conn.requests += 1;
+        match conn.sender.try_send_request(req).await {
+            Ok(response) => Ok(Sent {
+                response,
+                local: conn.local,
+                lease: Some(Lease::Http1 {
+                    pool: self.clone(),
+                    conn,
+                    budgets: env.budgets.clone(),
+                }),
+            }),
+            Err(mut err) => {
+                let back = err.take_message();
+                Err((back, classify_hyper(err.into_error())))
+            }
+        }
+    }
+
+    async fn connect_and_send(
+        self: &Arc<Self>,
+        env: &AttemptEnv<'_>,
+        protocol: UpstreamProtocol,
+        req: http::Request<RequestBody>,
+        permit: Permit,
+        upgrade: bool,
         local: &mut Option<SocketAddr>,
     ) -> Result<Sent, SendFailure> {
-        let existing = self
-            .h2
-            .lock()
-            .expect("pool lock")
-            .clone()
-            .filter(|c| !c.sender.is_closed());
-        let mut conn = match existing {
-            Some(c) => c,
-            None => {
-                let (stream, local_addr) = connect(self.addr, connect_timeout)
+        let (stream, local_addr) = match connect(self.addr, env.settings).await {
+            Ok(c) => c,
+            Err(failure) => {
+                let counter = match failure {
+                    ConnectFailure::Timeout => &env.stats.upstream_cx_connect_timeout,
+                    _ => &env.stats.upstream_cx_connect_fail,
+                };
+                ClusterStats::inc(counter);
+                return Err(SendFailure::Connect(failure));
+            }
+        };
+        *local = Some(local_addr);
+        ClusterStats::inc(&env.stats.upstream_cx_total);
+        ClusterStats::inc(&env.stats.upstream_cx_active);
+        let stats = env.stats.clone();
+        let created = Instant::now();
+        match protocol {
+            UpstreamProtocol::Http1 => {
+                let (mut sender, conn) = http1::Builder::new()
+                    .handshake(TokioIo::new(stream))
                     .await
-                    .map_err(SendFailure::Connect)?;
-                *local = Some(local_addr);
+                    .map_err(classify_hyper)?;
+                tokio::spawn(async move {
+                    if let Err(err) = conn.with_upgrades().await {
+                        tracing::debug!(%err, "upstream HTTP/1.1 connection ended");
+                    }
+                    ClusterStats::dec(&stats.upstream_cx_active);
+                    drop(permit);
+                });
+                let response = sender.send_request(req).await.map_err(classify_hyper)?;
+                let lease = (!upgrade).then(|| Lease::Http1 {
+                    pool: self.clone(),
+                    conn: IdleH1 {
+                        sender,
+                        local: local_addr,
+                        created,
+                        requests: 1,
+                        idle_since: created,
+                    },
+                    budgets: env.budgets.clone(),
+                });
+                Ok(Sent {
+                    response,
+                    local: local_addr,
+                    lease,
+                })
+            }
+            UpstreamProtocol::Http2 => {
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(TokioIo::new(stream))
@@ -239,42 +462,45 @@ impl EndpointPool {
                     if let Err(err) = conn.await {
                         tracing::debug!(%err, "upstream HTTP/2 connection ended");
                     }
+                    ClusterStats::dec(&stats.upstream_cx_active);
+                    drop(permit);
                 });
-                let shared = SharedH2 {
+                let conn = Arc::new(H2Conn {
                     sender,
                     local: local_addr,
-                };
-                *self.h2.lock().expect("pool lock") = Some(shared.clone());
-                shared
+                    created,
+                    active: AtomicU32::new(1),
+                    streams: AtomicU32::new(1),
+                });
+                self.h2.lock().expect("pool lock").push(conn.clone());
+                send_h2(
+                    H2Stream {
+                        conn,
+                        budgets: env.budgets.clone(),
+                    },
+                    req,
+                )
+                .await
             }
-        };
-        *local = Some(conn.local);
-        conn.sender.ready().await.map_err(classify_hyper)?;
-        let response = conn
-            .sender
-            .send_request(req)
-            .await
-            .map_err(classify_hyper)?;
-        Ok(Sent {
-            response,
-            local: conn.local,
-            pool_return: None,
-        })
+        }
     }
 }
 
-async fn futures_ready(sender: &mut http1::SendRequest<RequestBody>) -> hyper::Result<()> {
-    // An idle connection is ready at once or is dead; never wait on it.
-    match tokio::time::timeout(Duration::from_millis(1), sender.ready()).await {
-        Ok(r) => r,
-        Err(_) => Ok(()),
-    }
+async fn send_h2(stream: H2Stream, req: http::Request<RequestBody>) -> Result<Sent, SendFailure> {
+    let mut sender = stream.conn.sender.clone();
+    sender.ready().await.map_err(classify_hyper)?;
+    let response = sender.send_request(req).await.map_err(classify_hyper)?;
+    Ok(Sent {
+        response,
+        local: stream.conn.local,
+        lease: Some(Lease::Http2 { stream }),
+    })
 }
 
-/// Opens a TCP connection with Istio's `connectTimeout` semantics.
+/// Opens a TCP connection with Istio's `connectTimeout` and `tcpKeepalive`.
 pub async fn connect(
     addr: SocketAddr,
-    timeout: Duration,
+    settings: &ConnSettings,
 ) -> Result<(TcpStream, SocketAddr), ConnectFailure> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -283,7 +509,22 @@ pub async fn connect(
     }
     .map_err(ConnectFailure::Local)?;
     socket.set_nodelay(true).map_err(ConnectFailure::Local)?;
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+    if let Some(ka) = &settings.tcp_keepalive {
+        let mut keepalive = socket2::TcpKeepalive::new();
+        if let Some(t) = ka.time {
+            keepalive = keepalive.with_time(t);
+        }
+        if let Some(i) = ka.interval {
+            keepalive = keepalive.with_interval(i);
+        }
+        if let Some(p) = ka.probes {
+            keepalive = keepalive.with_retries(p);
+        }
+        socket2::SockRef::from(&socket)
+            .set_tcp_keepalive(&keepalive)
+            .map_err(ConnectFailure::Local)?;
+    }
+    match tokio::time::timeout(settings.connect_timeout, socket.connect(addr)).await {
         Err(_) => Err(ConnectFailure::Timeout),
         Ok(Err(err)) => Err(match err.kind() {
             io::ErrorKind::AddrNotAvailable
@@ -345,5 +586,23 @@ mod tests {
             Some("delayed_connect_error:_Connection_refused")
         );
         assert_eq!(f.reset_reason(), "remote_connection_failure");
+    }
+
+    #[test]
+    fn keep_alive_rules() {
+        let s = ConnSettings {
+            max_requests_per_connection: Some(1),
+            ..ConnSettings::default()
+        };
+        let now = Instant::now();
+        assert!(
+            !s.reusable(now, 1, now),
+            "maxRequestsPerConnection: 1 disables keep-alive"
+        );
+        let s = ConnSettings {
+            max_connection_duration: Some(Duration::from_millis(10)),
+            ..ConnSettings::default()
+        };
+        assert!(!s.reusable(now - Duration::from_millis(20), 0, now));
     }
 }
