@@ -913,17 +913,17 @@ fn attempts(line: &Entry) -> u32 {
         .unwrap_or_else(|_| panic!("attempts not a number: {line:?}"))
 }
 
+const ROUND_ROBIN_DR: &str = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: mock, namespace: default}\nspec:\n  host: mock\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n";
+
 /// Connect failures happen before any body byte is read, so the retry sends
 /// the complete body, whatever its size.
 async fn body_survives_connect_failure_retry(len: usize) {
     let dead = refused_addr("127.0.0.1".parse().unwrap());
     let m = mock("m1").await;
-    let h = Harness::start(&MeshConfig::new(vec![dead, m.addr()]).with_route(
-        "5s",
-        2,
-        "connect-failure",
-    ))
-    .await;
+    // Round robin makes every other request start on the dead endpoint.
+    let mut config = MeshConfig::new(vec![dead, m.addr()]).with_route("5s", 2, "connect-failure");
+    config.extra.push_str(ROUND_ROBIN_DR);
+    let h = Harness::start(&config).await;
     const N: usize = 6;
     let body = pattern(len);
     for _ in 0..N {

@@ -423,13 +423,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Latency under concurrency when one endpoint answers in 1 s half the time.
-async fn latencies(policy: &str) -> Vec<Duration> {
+/// Latencies under concurrency when one endpoint answers in 1 s 70% of the
+/// time, and how many requests that endpoint served.
+async fn latencies(policy: &str) -> (Vec<Duration>, usize) {
     let fast1 = mock("fast-1").await;
     let fast2 = mock("fast-2").await;
     let slow = mock_opts(MockOptions {
         name: "slow".into(),
-        slow_rate: 0.5,
+        slow_rate: 0.7,
         slow: Duration::from_secs(1),
         ..MockOptions::default()
     })
@@ -475,34 +476,34 @@ async fn latencies(policy: &str) -> Vec<Duration> {
         all.extend(w.await.unwrap());
     }
     all.sort();
-    all
+    (all, slow.requests() as usize)
 }
 
+/// 8 concurrent clients × 15 requests. Round robin sends a third of them to
+/// the slow endpoint (about a quarter of all answers take 1 s); least request
+/// sees the slow endpoint busy and sends it far fewer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_request_avoids_the_slow_endpoint() {
-    let rr = latencies("ROUND_ROBIN").await;
-    let lr = latencies("LEAST_REQUEST").await;
+    let (rr, rr_slow_share) = latencies("ROUND_ROBIN").await;
+    let (lr, lr_slow_share) = latencies("LEAST_REQUEST").await;
     let (rr75, rr90) = (percentile(&rr, 0.75), percentile(&rr, 0.90));
     let (lr75, lr90) = (percentile(&lr, 0.75), percentile(&lr, 0.90));
-    eprintln!("ROUND_ROBIN p75 {rr75:?} p90 {rr90:?}; LEAST_REQUEST p75 {lr75:?} p90 {lr90:?}");
-    let slow = |v: &[Duration]| {
-        v.iter()
-            .filter(|d| **d >= Duration::from_millis(900))
-            .count()
-    };
+    eprintln!(
+        "ROUND_ROBIN p75 {rr75:?} p90 {rr90:?} slow endpoint served {rr_slow_share}/120; \
+         LEAST_REQUEST p75 {lr75:?} p90 {lr90:?} slow endpoint served {lr_slow_share}/120"
+    );
+    assert_eq!(rr_slow_share, 40, "round robin: exactly a third");
     assert!(
         rr90 >= Duration::from_millis(900),
-        "round robin sends a sixth of requests to slow answers: p90 {rr90:?}"
+        "round robin p90 is a slow answer: {rr90:?}"
     );
     assert!(
-        lr90 < Duration::from_millis(500),
-        "least request keeps p90 fast: {lr90:?}"
+        lr_slow_share < 25,
+        "least request avoids the busy endpoint: {lr_slow_share}/120"
     );
     assert!(
-        slow(&lr) < slow(&rr),
-        "slow answers: least request {} vs round robin {}",
-        slow(&lr),
-        slow(&rr)
+        lr90 < rr90,
+        "least request p90 {lr90:?} vs round robin {rr90:?}"
     );
 }
 
