@@ -13,7 +13,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::state::{Endpoint, Labels, LbPolicy, Locality, LocalityLbSetting, SimpleLb};
 
@@ -96,7 +96,7 @@ struct Group {
     /// `distribute` weight (unused for priorities).
     weight: u32,
     /// ROUND_ROBIN position.
-    cursor: AtomicUsize,
+    cursor: AtomicU32,
     /// consistentHash ring (empty for other algorithms).
     ring: Ring,
 }
@@ -196,7 +196,7 @@ impl Balancer {
                 Group {
                     // Like Envoy, start round robin at a random position so
                     // that clients don't all hit the first host together.
-                    cursor: AtomicUsize::new(fastrand::usize(..list.len().max(1))),
+                    cursor: AtomicU32::new(fastrand::u32(..(list.len() as u32).max(1))),
                     hosts: list,
                     state: AtomicU64::new(state),
                     weight,
@@ -523,12 +523,14 @@ fn round_robin<H: Host>(group: &Group, panic: bool, hosts: &[H]) -> Option<usize
     if n == 0 {
         return None;
     }
-    let start = group.cursor.fetch_add(1, Ordering::Relaxed);
+    // 32 bits: a cheaper division; the wrap-around every 2^32 picks is harmless.
+    let start = (group.cursor.fetch_add(1, Ordering::Relaxed) % n as u32) as usize;
     for k in 0..n {
-        let i = group.hosts[start.wrapping_add(k) % n];
+        let pos = start + k;
+        let i = group.hosts[if pos >= n { pos - n } else { pos }];
         if panic || hosts[i].is_healthy() {
             if k > 0 {
-                group.cursor.fetch_add(k, Ordering::Relaxed);
+                group.cursor.fetch_add(k as u32, Ordering::Relaxed);
             }
             return Some(i);
         }

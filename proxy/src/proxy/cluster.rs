@@ -389,10 +389,8 @@ fn build_config(
     // Endpoints that left the cluster are forgotten (their pools close when idle).
     slots.retain(|addr, slot| {
         let keep = hosts.iter().any(|h| h.slot.addr == *addr);
-        if !keep {
-            if let Some(detector) = &cluster.current.load().outlier {
-                detector.forget(&slot.outlier);
-            }
+        if !keep && let Some(detector) = &cluster.current.load().outlier {
+            detector.forget(&slot.outlier);
         }
         keep
     });
