@@ -200,18 +200,15 @@ pub struct ClientState {
     pub source_workload: Arc<str>,
     pub source_namespace: Arc<str>,
     budget: Arc<ClientBudget>,
-    clusters: Mutex<HashMap<Arc<str>, Arc<ClientCluster>>>,
+    clusters: ArcSwap<HashMap<Arc<str>, Arc<ClientCluster>>>,
+    /// Serializes additions to `clusters` (readers never take it).
+    insert_lock: Mutex<()>,
 }
 
 impl ClientState {
     /// Clusters of this client with their stats (admin `/stats`).
     pub fn clusters(&self) -> Vec<Arc<ClientCluster>> {
-        self.clusters
-            .lock()
-            .expect("clusters lock")
-            .values()
-            .cloned()
-            .collect()
+        self.clusters.load().values().cloned().collect()
     }
 }
 
@@ -256,7 +253,8 @@ impl ClusterRegistry {
                     source_workload,
                     source_namespace,
                     budget: Arc::default(),
-                    clusters: Mutex::default(),
+                    clusters: ArcSwap::default(),
+                    insert_lock: Mutex::default(),
                 })
             })
             .clone()
@@ -282,28 +280,34 @@ impl ClusterRegistry {
     ) -> Arc<ClientCluster> {
         let generation = self.generation.load(Ordering::Relaxed);
         let client = &conn.client_state;
-        let cluster = {
-            let mut clusters = client.clusters.lock().expect("clusters lock");
-            if let Some(existing) = clusters.get(&cluster_name) {
-                if existing.current.load().generation == generation {
-                    return existing.clone();
+        // Lock-free on the request path; the map is copied only when a new cluster appears.
+        let existing = client.clusters.load().get(&cluster_name).cloned();
+        let cluster = match existing {
+            Some(c) if c.current.load().generation == generation => return c,
+            Some(c) => c,
+            None => {
+                let _writer = client.insert_lock.lock().expect("clusters lock");
+                match client.clusters.load().get(&cluster_name).cloned() {
+                    Some(c) => c,
+                    None => {
+                        let fresh = Arc::new(ClientCluster {
+                            name: cluster_name.clone(),
+                            budgets: Budgets {
+                                cluster: Arc::new(Breaker::default()),
+                                client: client.budget.clone(),
+                                node: self.node.clone(),
+                            },
+                            stats: Arc::default(),
+                            slots: Mutex::default(),
+                            current: ArcSwap::from_pointee(empty_config()),
+                            sweeper_running: AtomicBool::new(false),
+                        });
+                        let mut map = HashMap::clone(&client.clusters.load());
+                        map.insert(cluster_name, fresh.clone());
+                        client.clusters.store(Arc::new(map));
+                        fresh
+                    }
                 }
-                existing.clone()
-            } else {
-                let fresh = Arc::new(ClientCluster {
-                    name: cluster_name.clone(),
-                    budgets: Budgets {
-                        cluster: Arc::new(Breaker::default()),
-                        client: client.budget.clone(),
-                        node: self.node.clone(),
-                    },
-                    stats: Arc::default(),
-                    slots: Mutex::default(),
-                    current: ArcSwap::from_pointee(empty_config()),
-                    sweeper_running: AtomicBool::new(false),
-                });
-                clusters.insert(cluster_name, fresh.clone());
-                fresh
             }
         };
         let config = build_config(snap, conn, client_ns, decision, generation, &cluster);
