@@ -215,6 +215,29 @@ async fn forward(
     let mut request_permit = Some(request_permit);
     let mut cancelled = CancelGuard(Some(stats));
 
+    // Starts the next attempt (after the back-off) when the outcome is
+    // retriable and the budgets allow; otherwise falls through.
+    macro_rules! retry_if {
+        ($retriable:expr) => {
+            if $retriable && retry.attempts > 0 {
+                if let Some(permit) = next_attempt(
+                    attempt,
+                    max_attempts,
+                    &body,
+                    &mut exchange.entry,
+                    deadline,
+                    &cluster,
+                    &config,
+                )
+                .await
+                {
+                    retry_permit = Some(permit);
+                    continue;
+                }
+            }
+        };
+    }
+
     loop {
         attempt += 1;
         exchange.entry.upstream_request_attempt_count = attempt;
@@ -314,25 +337,8 @@ async fn forward(
                 }
                 let retriable = retry.retry_on.retries_status(status.as_u16())
                     || grpc.is_some_and(|g| retry.retry_on.retries_grpc_status(g));
-                if retriable && retry.attempts > 0 {
-                    match next_attempt(
-                        attempt,
-                        max_attempts,
-                        &body,
-                        &mut exchange.entry,
-                        deadline,
-                        &cluster,
-                        &config,
-                    )
-                    .await
-                    {
-                        NextAttempt::Go(permit) => {
-                            retry_permit = Some(permit);
-                            continue;
-                        }
-                        NextAttempt::Stop => {}
-                    }
-                } else if attempt > 1 {
+                retry_if!(retriable);
+                if !retriable && attempt > 1 {
                     ClusterStats::inc(&stats.upstream_rq_retry_success);
                 }
                 drop(retry_permit);
@@ -396,25 +402,7 @@ async fn forward(
             }
         };
         drop(in_flight);
-        if failure.retriable && retry.attempts > 0 {
-            match next_attempt(
-                attempt,
-                max_attempts,
-                &body,
-                &mut exchange.entry,
-                deadline,
-                &cluster,
-                &config,
-            )
-            .await
-            {
-                NextAttempt::Go(permit) => {
-                    retry_permit = Some(permit);
-                    continue;
-                }
-                NextAttempt::Stop => {}
-            }
-        }
+        retry_if!(failure.retriable);
         cancelled.0 = None;
         exchange.entry.response_flags.set(failure.flag);
         exchange.entry.upstream_transport_failure_reason = failure.transport.clone();
@@ -464,13 +452,8 @@ fn overflow_reply(mut exchange: Box<Exchange>, is_grpc: bool) -> Response<Respon
     )
 }
 
-enum NextAttempt {
-    /// Retry, holding a `maxRetries` slot.
-    Go(Permit),
-    Stop,
-}
-
-/// For a retriable outcome: takes a retry slot and waits the back-off.
+/// For a retriable outcome: takes a `maxRetries` slot and waits the back-off;
+/// the slot is held for the retried attempt.
 /// Otherwise marks `URX` if the retry budget (attempts or route deadline) ran
 /// out. A body too large to replay abandons the retry without `URX`, as Envoy
 /// does, and says so in the log; so does a full `maxRetries` budget (counted
@@ -483,7 +466,7 @@ async fn next_attempt(
     deadline: Option<TokioInstant>,
     cluster: &ClientCluster,
     config: &ClusterConfig,
-) -> NextAttempt {
+) -> Option<Permit> {
     if attempt < max_attempts && !body.can_replay() {
         tracing::info!(
             request_id = entry.request_id.as_deref().unwrap_or("-"),
@@ -491,25 +474,25 @@ async fn next_attempt(
             "not retrying: the request body exceeded the {} KiB replay buffer",
             super::body::REPLAY_BUFFER_LIMIT / 1024
         );
-        return NextAttempt::Stop;
+        return None;
     }
     if attempt < max_attempts {
         let wake = TokioInstant::now() + backoff(attempt);
         if deadline.is_none_or(|d| wake < d) {
             let Some(permit) = cluster.budgets.try_retry(&config.limits) else {
                 ClusterStats::inc(&cluster.stats.upstream_rq_retry_overflow);
-                return NextAttempt::Stop;
+                return None;
             };
             ClusterStats::inc(&cluster.stats.upstream_rq_retry);
             tokio::time::sleep_until(wake).await;
-            return NextAttempt::Go(permit);
+            return Some(permit);
         }
     }
     ClusterStats::inc(&cluster.stats.upstream_rq_retry_limit_exceeded);
     entry
         .response_flags
         .set(ResponseFlag::UpstreamRetryLimitExceeded);
-    NextAttempt::Stop
+    None
 }
 
 struct Failure {
