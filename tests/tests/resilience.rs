@@ -732,3 +732,32 @@ async fn node_wide_cap_limits_a_flooding_client() {
         4
     );
 }
+
+/// Keep-alive: sequential requests share one upstream connection;
+/// `maxRequestsPerConnection: 1` turns keep-alive off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_connection() {
+    for (limit, expected_connections) in [(None, 1), (Some(1), 5), (Some(2), 3)] {
+        let m = mock("m").await;
+        let mut config = no_retries(MeshConfig::new(vec![m.addr()]));
+        if let Some(n) = limit {
+            config.extra.push_str(&format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: mock, namespace: default}}\nspec:\n  host: mock\n  trafficPolicy:\n    connectionPool:\n      http: {{maxRequestsPerConnection: {n}}}\n"
+            ));
+        }
+        let h = Harness::start(&config).await;
+        for _ in 0..5 {
+            assert_eq!(
+                call(&h, Proto::Http1, "/status/200").await.status,
+                Some(200)
+            );
+        }
+        assert_eq!(
+            m.connections(),
+            expected_connections,
+            "maxRequestsPerConnection {limit:?}"
+        );
+        let s = stats(&h, SLEEP_POD).await;
+        assert_eq!(stat(&s, "upstream_cx_total"), expected_connections);
+    }
+}
