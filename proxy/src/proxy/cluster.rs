@@ -69,6 +69,9 @@ pub struct ClusterConfig {
     pub outlier: Option<Arc<OutlierDetector>>,
     pub limits: Limits,
     pub settings: ConnSettings,
+    /// The effective traffic policy and the DestinationRule it came from.
+    pub policy: TrafficPolicy,
+    pub rule: Option<crate::state::ObjectKey>,
 }
 
 /// One client pod's view of one cluster.
@@ -339,6 +342,8 @@ fn empty_config() -> ClusterConfig {
         outlier: None,
         limits: Limits::default(),
         settings: ConnSettings::default(),
+        policy: TrafficPolicy::default(),
+        rule: None,
     }
 }
 
@@ -432,5 +437,7 @@ fn build_config(
         outlier,
         limits: Limits::from_istio(policy.connection_pool.as_ref()),
         settings: ConnSettings::from_istio(policy.connection_pool.as_ref()),
+        rule: dr.map(|dr| dr.key.clone()),
+        policy,
     }
 }

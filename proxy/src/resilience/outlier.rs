@@ -287,6 +287,22 @@ pub struct OutlierStats {
 }
 
 impl OutlierStats {
+    /// Zeroes the counters; `ejections_active` (a gauge) keeps its value.
+    pub fn reset_counters(&self) {
+        for c in [
+            &self.ejections_enforced_total,
+            &self.ejections_overflow,
+            &self.ejections_enforced_consecutive_5xx,
+            &self.ejections_detected_consecutive_5xx,
+            &self.ejections_enforced_consecutive_gateway_failure,
+            &self.ejections_detected_consecutive_gateway_failure,
+            &self.ejections_enforced_consecutive_local_origin_failure,
+            &self.ejections_detected_consecutive_local_origin_failure,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// `(envoy stat name under outlier_detection., value)` pairs.
     pub fn values(&self) -> Vec<(&'static str, u64)> {
         let v = |c: &AtomicU64| c.load(Ordering::Relaxed);

@@ -13,6 +13,13 @@ macro_rules! cluster_stats {
         }
 
         impl ClusterStats {
+            /// Zeroes the counters (Envoy's `/reset_counters`); gauges (`*_active`) keep their value.
+            pub fn reset_counters(&self) {
+                $(if !stringify!($name).ends_with("_active") {
+                    self.$name.store(0, Ordering::Relaxed);
+                })*
+            }
+
             /// `(envoy stat name, value)` pairs.
             pub fn values(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
