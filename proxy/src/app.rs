@@ -24,7 +24,7 @@ pub struct RunOptions {
     pub outbound_addr: SocketAddr,
     /// Admin API, loopback by default (`127.0.0.1:15000`).
     pub admin_addr: SocketAddr,
-    /// Prometheus endpoint (`0.0.0.0:15020`); served from the metrics issue on.
+    /// Prometheus endpoint (`0.0.0.0:15020`): `/metrics`, `/stats/prometheus`.
     pub metrics_addr: SocketAddr,
     pub access_log: AccessLogTarget,
     /// This node's name, for locality (`--node`).
@@ -94,6 +94,8 @@ pub struct ConfigStatus {
 pub struct Running {
     pub outbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
     pub shared: Arc<Shared>,
     pub status: Arc<ConfigStatus>,
     shutdown: CancellationToken,
@@ -113,6 +115,9 @@ impl Running {
         if !drained {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached with requests in flight");
         }
+        // The finished requests' lines are queued; make sure they reach the file.
+        let logger = self.shared.logger.clone();
+        let _ = tokio::task::spawn_blocking(move || logger.flush(Duration::from_secs(2))).await;
         drained
     }
 }
@@ -145,8 +150,10 @@ pub async fn start(
     };
     let outbound = bind("outbound listener", opts.outbound_addr).await?;
     let admin_listener = bind("admin API", opts.admin_addr).await?;
+    let metrics_listener = bind("metrics endpoint", opts.metrics_addr).await?;
     let outbound_addr = outbound.local_addr().expect("bound");
     let admin_addr = admin_listener.local_addr().expect("bound");
+    let metrics_addr = metrics_listener.local_addr().expect("bound");
 
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -162,6 +169,13 @@ pub async fn start(
         status.clone(),
         shutdown.clone(),
     ));
+    // The eBPF issue registers its collector on this registry (see `metrics::registry`).
+    let registry = crate::telemetry::metrics::registry(shared.clone(), status.clone());
+    tokio::spawn(crate::telemetry::metrics::serve(
+        metrics_listener,
+        Arc::new(registry),
+        shutdown.clone(),
+    ));
     tokio::spawn(watch_config(
         opts.config.clone(),
         load_opts,
@@ -170,10 +184,11 @@ pub async fn start(
         status.clone(),
         shutdown.clone(),
     ));
-    tracing::info!(%outbound_addr, %admin_addr, config = %opts.config.display(), "nodeway started");
+    tracing::info!(%outbound_addr, %admin_addr, %metrics_addr, config = %opts.config.display(), "nodeway started");
     Ok(Running {
         outbound_addr,
         admin_addr,
+        metrics_addr,
         shared,
         status,
         shutdown,

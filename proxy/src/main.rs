@@ -3,12 +3,16 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use nodeway::app::{self, RunOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+use nodeway::admin::{self, cli};
+use nodeway::app::{self, RunOptions, StartError};
 use nodeway::config::{self, LoadOptions};
 use nodeway::telemetry::access_log::AccessLogTarget;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +36,55 @@ enum Command {
         #[command(flatten)]
         mesh: MeshArgs,
     },
+    /// Show cluster stats of a running proxy (Envoy's names), summed over client pods.
+    Stats {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Only stats whose full name (`cluster.<name>.<stat>`) matches this regex.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Only this client: workload, `namespace/workload` or `namespace/pod`.
+        #[arg(long)]
+        source: Option<String>,
+        /// A readable table, or the admin API's JSON.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show endpoints and their outlier-detection state per client pod.
+    Endpoints {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Cluster name (`outbound|80||svc.ns.svc.cluster.local`) or service FQDN.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only this client: workload, `namespace/workload` or `namespace/pod`.
+        #[arg(long)]
+        source: Option<String>,
+        /// A readable table, or the admin API's JSON.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show the loaded configuration and each client cluster's effective policy.
+    Config {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// A readable table, or the admin API's JSON.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin API of the running proxy.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -53,6 +106,10 @@ struct RunArgs {
     outbound_addr: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// Readiness probe only (`GET /healthz/ready`), like Istio's port 15021
+    /// [default: 0.0.0.0:15021; if that port is taken, a warning and no probe listener].
+    #[arg(long)]
+    readiness_addr: Option<SocketAddr>,
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
     /// `PATH`, `stdout` or `off`.
@@ -91,6 +148,75 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { config: path, mesh } => validate(&path, mesh),
         Command::Run(args) => run(*args),
+        Command::Stats {
+            admin,
+            filter,
+            source,
+            output,
+        } => {
+            let path = cli::path_with_query(
+                "/stats",
+                &[
+                    ("format", Some("json")),
+                    ("filter", filter.as_deref()),
+                    ("source", source.as_deref()),
+                ],
+            );
+            query(admin.admin_addr, async move |addr| {
+                let stats = cli::get_json(addr, &path).await?;
+                Ok(match output {
+                    Output::Json => format!("{stats:#}\n"),
+                    Output::Table => cli::stats_table(&stats, source.is_none()),
+                })
+            })
+        }
+        Command::Endpoints {
+            admin,
+            cluster,
+            source,
+            output,
+        } => {
+            let format = (output == Output::Json).then_some("json");
+            let path = cli::path_with_query(
+                "/endpoints",
+                &[
+                    ("cluster", cluster.as_deref()),
+                    ("source", source.as_deref()),
+                    ("format", format),
+                ],
+            );
+            query(admin.admin_addr, async move |addr| {
+                cli::call(addr, http::Method::GET, &path).await
+            })
+        }
+        Command::Config { admin, output } => query(admin.admin_addr, async move |addr| {
+            let dump = cli::get_json(addr, "/config_dump").await?;
+            Ok(match output {
+                Output::Json => format!("{dump:#}\n"),
+                Output::Table => cli::config_table(&dump),
+            })
+        }),
+    }
+}
+
+/// Runs one admin API query and prints its result, or the error (exit 1).
+fn query(
+    addr: SocketAddr,
+    f: impl AsyncFnOnce(SocketAddr) -> Result<String, cli::CliError>,
+) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(f(addr)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -119,12 +245,11 @@ fn validate(path: &std::path::Path, mesh: MeshArgs) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // The admin API's `POST /logging` changes this filter at run time.
+    if let Err(err) = admin::logging::init(&args.log_level) {
+        eprintln!("warning: logging not set up: {err}");
+    }
+    let readiness_addr = args.readiness_addr;
     let mut opts = RunOptions::new(args.config);
     opts.outbound_addr = args.outbound_addr;
     opts.admin_addr = args.admin_addr;
@@ -143,11 +268,57 @@ fn run(args: RunArgs) -> ExitCode {
         rt.worker_threads(n);
     }
     let rt = rt.enable_all().build().expect("tokio runtime");
-    match rt.block_on(app::run(opts)) {
+    match rt.block_on(serve(opts, readiness_addr)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Istio's readiness port.
+const DEFAULT_READINESS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15021);
+
+/// `app::run` plus the readiness listener: start, serve readiness, wait for
+/// SIGTERM/SIGINT, fail readiness, drain. A taken `--readiness-addr` is an
+/// error; a taken default port only a warning (several proxies on one
+/// machine, as in tests).
+async fn serve(opts: RunOptions, readiness_addr: Option<SocketAddr>) -> Result<(), StartError> {
+    let running = app::start(opts, Arc::new(nodeway::redirect::SoOriginalDst)).await?;
+    let addr = readiness_addr.unwrap_or(DEFAULT_READINESS_ADDR);
+    let draining = CancellationToken::new();
+    match TcpListener::bind(addr).await {
+        Ok(listener) => {
+            let addr = listener.local_addr().unwrap_or(addr);
+            tracing::info!(%addr, "readiness probe listening");
+            tokio::spawn(admin::serve_readiness(listener, draining.clone()));
+        }
+        Err(source) if readiness_addr.is_some() => {
+            running.shutdown().await;
+            return Err(StartError::Bind {
+                what: "readiness probe",
+                addr,
+                source,
+            });
+        }
+        Err(err) => {
+            tracing::warn!(%addr, %err, "cannot listen for the readiness probe; not serving it (use --readiness-addr)");
+        }
+    }
+    wait_for_signal().await;
+    tracing::info!("signal received; draining");
+    draining.cancel();
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }

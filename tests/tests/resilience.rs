@@ -95,7 +95,7 @@ async fn stats(h: &Harness, pod: &str) -> Value {
         h.admin(),
         "127.0.0.1".parse().unwrap(),
         "admin",
-        "/stats",
+        "/stats?format=json",
         Bytes::new(),
         Duration::from_secs(5),
     )

@@ -1,9 +1,29 @@
-//! Admin API (loopback by default): readiness and a summary of the loaded
-//! configuration. Metrics are served on their own port (observability issue).
+//! Admin API (loopback by default), in the spirit of Envoy's: readiness, the
+//! loaded configuration with each client cluster's effective policy, cluster
+//! stats in Envoy's text form (or JSON), endpoints as `istioctl proxy-config
+//! endpoint` shows them, counter reset and the log level. A second, minimal
+//! listener answers readiness probes only (Istio's port 15021).
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /ready`, `GET /healthz/ready` | `200 LIVE` |
+//! | `GET /config_dump` | JSON: generation, reload error, object counts, per client cluster the effective policy and its DestinationRule |
+//! | `GET /stats[?filter=RE][&source=W][&format=json]` | `cluster.<name>.<stat>: <value>` lines, summed over client pods |
+//! | `POST /reset_counters` | zeroes counters (gauges keep their value) |
+//! | `GET /endpoints[?cluster=NAME][&source=W][&format=json]` | `ENDPOINT STATUS OUTLIER CHECK CLUSTER SOURCE` |
+//! | `POST /logging?level=LEVEL` | changes the log filter at run time |
+//!
+//! Metrics for Prometheus are served on their own port (`--metrics-addr`).
+
+pub mod cli;
+mod dump;
+pub mod logging;
+mod query;
+mod stats;
+mod table;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -13,10 +33,25 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::app::ConfigStatus;
 use crate::proxy::Shared;
+
+pub use query::{Query, percent_encode};
+pub use table::render_table;
+/// The draining signal [`serve_readiness`] takes.
+pub use tokio_util::sync::CancellationToken;
+
+/// What the admin API serves, for `GET /help` and unknown paths.
+const HELP: &str = "\
+admin commands are:
+  GET  /ready, /healthz/ready       readiness
+  GET  /config_dump                 configuration and each client cluster's effective policy (JSON)
+  GET  /stats                       cluster stats, Envoy text form; ?filter=REGEX ?source=WORKLOAD ?format=json
+  POST /reset_counters              zero all counters (gauges keep their value)
+  GET  /endpoints                   endpoints and their outlier state; ?cluster=NAME ?source=WORKLOAD ?format=json
+  POST /logging?level=LEVEL         change the log level (error, warn, info, debug, trace, or a tracing filter)
+";
 
 pub async fn serve(
     listener: TcpListener,
@@ -32,7 +67,10 @@ pub async fn serve(
         let shared = shared.clone();
         let status = status.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, shared.clone(), status.clone()));
+            let svc = service_fn(move |req| {
+                let reply = handle(&req, &shared, &status);
+                async move { Ok::<_, Infallible>(reply) }
+            });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
@@ -40,98 +78,124 @@ pub async fn serve(
     }
 }
 
-/// Envoy's cluster counters per (client pod, cluster), outlier counters, and
-/// each endpoint's state as that client sees it.
-fn stats_json(shared: &Shared) -> serde_json::Value {
-    let mut clusters = Vec::new();
-    for client in shared.clusters.clients() {
-        for cluster in client.clusters() {
-            let config = cluster.config();
-            let mut stats: serde_json::Map<String, serde_json::Value> = cluster
-                .stats
-                .values()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.into()))
-                .collect();
-            if let Some(detector) = &config.outlier {
-                for (k, v) in detector.stats().values() {
-                    stats.insert(format!("outlier_detection.{k}"), v.into());
-                }
-            }
-            let endpoints: Vec<serde_json::Value> = config
-                .hosts
-                .iter()
-                .enumerate()
-                .map(|(i, h)| {
-                    serde_json::json!({
-                        "address": h.slot.addr.to_string(),
-                        "ejected": h.slot.outlier.is_ejected(),
-                        "ejections": h.slot.outlier.ejections(),
-                        "active_requests": h.slot.active.load(Ordering::Relaxed),
-                        "priority": config.balancer.priority_of(i),
-                    })
-                })
-                .collect();
-            clusters.push(serde_json::json!({
-                "source_pod": &*client.key,
-                "source_workload": &*client.source_workload,
-                "source_namespace": &*client.source_namespace,
-                "cluster": &*cluster.name,
-                "stats": stats,
-                "endpoints": endpoints,
-            }));
-        }
+/// Readiness probes only (`GET /healthz/ready`, also `/ready`), for a
+/// listener reachable by the kubelet (Istio's `0.0.0.0:15021`) while the
+/// admin API stays on loopback. Answers `503 DRAINING` once `draining` is
+/// cancelled (SIGTERM), so the endpoint leaves Services before the process
+/// stops.
+pub async fn serve_readiness(listener: TcpListener, draining: CancellationToken) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let draining = draining.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let reply = match (req.method(), req.uri().path()) {
+                    (&Method::GET | &Method::HEAD, "/healthz/ready" | "/ready") => {
+                        if draining.is_cancelled() {
+                            text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+                        } else {
+                            text(StatusCode::OK, "LIVE\n")
+                        }
+                    }
+                    _ => text(StatusCode::NOT_FOUND, "readiness: GET /healthz/ready\n"),
+                };
+                async move { Ok::<_, Infallible>(reply) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
     }
-    let node = shared.clusters.node_budget();
-    serde_json::json!({
-        "node": {
-            "upstream_connections": node.connections.get(),
-            "max_upstream_connections": node.max_connections,
-            "pending_requests": node.pending.get(),
-            "max_pending_requests": node.max_pending,
-        },
-        "clusters": clusters,
-    })
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-    status: Arc<ConfigStatus>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let reply = |code: StatusCode, ct: &str, body: String| {
-        Response::builder()
-            .status(code)
-            .header(http::header::CONTENT_TYPE, ct)
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid response")
-    };
-    Ok(match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ready" | "/healthz/ready") => {
-            reply(StatusCode::OK, "text/plain", "LIVE\n".into())
+fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+fn text(code: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    reply(code, "text/plain; charset=utf-8", body.into())
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    reply(StatusCode::OK, "application/json", format!("{value:#}\n"))
+}
+
+fn handle(
+    req: &Request<Incoming>,
+    shared: &Shared,
+    status: &ConfigStatus,
+) -> Response<Full<Bytes>> {
+    let query = Query::parse(req.uri().query());
+    let method = req.method();
+    let get = method == Method::GET || method == Method::HEAD;
+    match req.uri().path() {
+        "/ready" | "/healthz/ready" if get => text(StatusCode::OK, "LIVE\n"),
+        "/" | "/help" if get => text(StatusCode::OK, HELP),
+        "/config_dump" if get => json(&dump::config_dump(shared, status)),
+        "/stats" if get => {
+            let filter = match query.regex("filter") {
+                Ok(f) => f,
+                Err(err) => return text(StatusCode::BAD_REQUEST, err),
+            };
+            let source = query.get("source");
+            match query.get("format") {
+                None | Some("text") => {
+                    text(StatusCode::OK, stats::text(shared, source, filter.as_ref()))
+                }
+                Some("json") => json(&stats::json(shared, source, filter.as_ref())),
+                Some(other) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown format {other:?}; use text or json\n"),
+                ),
+            }
         }
-        (&Method::GET, "/config_dump") => {
-            let snap = shared.snapshot.load();
-            let body = serde_json::json!({
-                "generation": status.generation.load(Ordering::Relaxed),
-                "last_reload_error": *status.last_error.lock().expect("status lock"),
-                "services": snap.services.len(),
-                "pods": snap.pods_by_ip.len(),
-                "destination_rules": snap.destination_rules.len(),
-                "virtual_services": snap.virtual_services.len(),
-                "access_log_lines_dropped": shared.logger.dropped(),
-            });
-            reply(StatusCode::OK, "application/json", format!("{body:#}\n"))
+        "/endpoints" if get => {
+            let rows = stats::endpoint_rows(shared, query.get("cluster"), query.get("source"));
+            match query.get("format") {
+                None | Some("text") => text(StatusCode::OK, stats::endpoints_text(&rows)),
+                Some("json") => json(&stats::endpoints_json(&rows)),
+                Some(other) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown format {other:?}; use text or json\n"),
+                ),
+            }
         }
-        (&Method::GET, "/stats") => reply(
-            StatusCode::OK,
-            "application/json",
-            format!("{:#}\n", stats_json(&shared)),
+        "/reset_counters" if method == Method::POST => {
+            stats::reset_counters(shared);
+            text(StatusCode::OK, "OK\n")
+        }
+        "/logging" if method == Method::POST => match query.get("level") {
+            None => match logging::current() {
+                Some(level) => text(StatusCode::OK, format!("active level: {level}\n")),
+                None => text(StatusCode::SERVICE_UNAVAILABLE, logging::NOT_INITIALISED),
+            },
+            Some(level) => match logging::set(level) {
+                Ok(()) => text(StatusCode::OK, format!("active level: {level}\n")),
+                Err(logging::SetError::NotInitialised) => {
+                    text(StatusCode::SERVICE_UNAVAILABLE, logging::NOT_INITIALISED)
+                }
+                Err(logging::SetError::Invalid(err)) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid level {level:?}: {err}\n"),
+                ),
+            },
+        },
+        "/reset_counters" | "/logging" => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this operation requires a POST\n",
         ),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found; try /ready, /config_dump or /stats\n".into(),
-        ),
-    })
+        "/ready" | "/healthz/ready" | "/" | "/help" | "/config_dump" | "/stats" | "/endpoints" => {
+            text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this operation requires a GET\n",
+            )
+        }
+        _ => text(StatusCode::NOT_FOUND, format!("not found\n{HELP}")),
+    }
 }

@@ -20,6 +20,7 @@ use tokio::time::Sleep;
 use super::cluster::UpstreamHold;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::{AccessLogEntry, AccessLogger};
+use crate::telemetry::stats::RequestTelemetry;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -194,13 +195,16 @@ impl Body for RequestBody {
     }
 }
 
-/// Finishes the access log line of one exchange; logs `DC` if dropped early.
+/// Finishes the access log line and the Istio request metrics of one
+/// exchange; logs `DC` if dropped early.
 pub struct Exchange {
     pub entry: AccessLogEntry,
     pub started: Instant,
     pub logger: AccessLogger,
     pub request_body: Option<RequestBody>,
     pub done: bool,
+    /// Where `istio_requests_total` and friends are recorded when it ends.
+    pub telemetry: RequestTelemetry,
 }
 
 impl Exchange {
@@ -219,6 +223,7 @@ impl Exchange {
         if self.entry.request_duration.is_none() {
             self.entry.request_duration = Some(std::time::Duration::ZERO);
         }
+        self.telemetry.record(&self.entry);
         self.logger.log(self.entry.clone());
     }
 }

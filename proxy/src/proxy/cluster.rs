@@ -7,8 +7,8 @@
 //! request path. Configuration changes swap a [`ClusterConfig`] in; endpoint
 //! state (pools, ejections, counters) survives them.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -19,10 +19,12 @@ use super::ConnContext;
 use super::route::{self, RouteDecision};
 use crate::lb::{self, Balancer, BalancerConfig};
 use crate::resilience::breaker::{Breaker, Budgets, ClientBudget, Limits, NodeBudget, Permit};
-use crate::resilience::outlier::{AttemptResult, HostOutlier, OutlierConfig, OutlierDetector};
+use crate::resilience::outlier::{
+    AttemptResult, HostOutlier, OutlierConfig, OutlierDetector, OutlierStats,
+};
 use crate::resilience::pool::{ConnSettings, EndpointPool, Lease};
-use crate::state::{Endpoint, LbPolicy, Snapshot, TrafficPolicy};
-use crate::telemetry::stats::ClusterStats;
+use crate::state::{Endpoint, LbPolicy, Snapshot, TrafficPolicy, Workload};
+use crate::telemetry::stats::{ClusterStats, PeerLabels, RequestSeries, SeriesMap};
 
 /// State of one endpoint as seen by one client pod; survives reloads.
 pub struct EndpointSlot {
@@ -38,6 +40,8 @@ pub struct EndpointSlot {
 pub struct Host {
     pub slot: Arc<EndpointSlot>,
     pub endpoint: Arc<Endpoint>,
+    /// Istio's destination labels for requests this endpoint serves.
+    pub peer: Arc<PeerLabels>,
 }
 
 impl lb::Host for Host {
@@ -72,6 +76,8 @@ pub struct ClusterConfig {
     /// The effective traffic policy and the DestinationRule it came from.
     pub policy: TrafficPolicy,
     pub rule: Option<crate::state::ObjectKey>,
+    /// Istio's destination labels before an endpoint is picked (Service only).
+    pub peer: Arc<PeerLabels>,
 }
 
 /// One client pod's view of one cluster.
@@ -202,6 +208,10 @@ pub struct ClientState {
     pub key: Arc<str>,
     pub source_workload: Arc<str>,
     pub source_namespace: Arc<str>,
+    /// The pod, when the source address is a known one (Istio's source labels).
+    pub workload: Option<Arc<Workload>>,
+    /// Istio request series of requests that reached no cluster (`NR`, `NC`, …).
+    pub unrouted: Arc<SeriesMap<RequestSeries>>,
     budget: Arc<ClientBudget>,
     clusters: ArcSwap<HashMap<Arc<str>, Arc<ClientCluster>>>,
     /// Serializes additions to `clusters` (readers never take it).
@@ -213,6 +223,36 @@ impl ClientState {
     pub fn clusters(&self) -> Vec<Arc<ClientCluster>> {
         self.clusters.load().values().cloned().collect()
     }
+
+    /// This client's use of the node-wide budget (connections and pending requests).
+    pub fn budget(&self) -> &ClientBudget {
+        &self.budget
+    }
+
+    /// Forgets the clusters `gone` says no longer exist; returns them.
+    fn remove_clusters(&self, gone: impl Fn(&str) -> bool) -> Vec<Arc<ClientCluster>> {
+        if !self.clusters.load().keys().any(|name| gone(name)) {
+            return Vec::new();
+        }
+        let _writer = self.insert_lock.lock().expect("clusters lock");
+        let (kept, removed): (HashMap<_, _>, HashMap<_, _>) = self
+            .clusters
+            .load()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|(name, _)| !gone(name));
+        self.clusters.store(Arc::new(kept));
+        removed.into_values().collect()
+    }
+}
+
+/// What [`ClusterRegistry::prune`] dropped.
+#[derive(Default)]
+pub struct Pruned {
+    /// Client pods no longer in the configuration.
+    pub clients: Vec<Arc<ClientState>>,
+    /// Names of clusters whose Service port no longer exists.
+    pub clusters: HashSet<Arc<str>>,
 }
 
 /// All client pods seen on this node.
@@ -246,6 +286,7 @@ impl ClusterRegistry {
         key: Arc<str>,
         source_workload: Arc<str>,
         source_namespace: Arc<str>,
+        workload: Option<Arc<Workload>>,
     ) -> Arc<ClientState> {
         let mut clients = self.clients.lock().expect("registry lock");
         clients
@@ -255,6 +296,8 @@ impl ClusterRegistry {
                     key,
                     source_workload,
                     source_namespace,
+                    workload,
+                    unrouted: Arc::default(),
                     budget: Arc::default(),
                     clusters: ArcSwap::default(),
                     insert_lock: Mutex::default(),
@@ -270,6 +313,58 @@ impl ClusterRegistry {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// After a configuration change: forgets client pods that left it (a
+    /// client whose address was unknown is kept unless the address now belongs
+    /// to a pod) and, for the others, clusters whose Service port is gone, so
+    /// their state and metric series do not outlive them. Connections still
+    /// open keep what they hold; a pod that comes back starts afresh.
+    pub fn prune(&self, snap: &Snapshot) -> Pruned {
+        let pods: HashSet<String> = snap
+            .pods_by_ip
+            .values()
+            .map(|w| format!("{}/{}", w.namespace, w.pod_name))
+            .collect();
+        let ports: HashSet<(&str, u16)> = snap
+            .services
+            .values()
+            .flat_map(|s| s.ports.iter().map(|p| (s.fqdn.as_str(), p.port)))
+            .collect();
+        let mut pruned = Pruned::default();
+        let kept: Vec<Arc<ClientState>> = {
+            let mut clients = self.clients.lock().expect("registry lock");
+            clients.retain(|key, client| {
+                let keep = match &client.workload {
+                    Some(_) => pods.contains(&**key),
+                    None => key
+                        .parse::<IpAddr>()
+                        .map_or(true, |ip| !snap.pods_by_ip.contains_key(&ip)),
+                };
+                if !keep {
+                    pruned.clients.push(client.clone());
+                }
+                keep
+            });
+            clients.values().cloned().collect()
+        };
+        let gone = |name: &str| -> bool {
+            // outbound|port|subset|fqdn
+            let mut parts = name.split('|');
+            let (Some(_), Some(port), Some(_), Some(fqdn)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return false;
+            };
+            port.parse::<u16>()
+                .is_ok_and(|port| !ports.contains(&(fqdn, port)))
+        };
+        for client in kept {
+            for cluster in client.remove_clusters(gone) {
+                pruned.clusters.insert(cluster.name.clone());
+            }
+        }
+        pruned
     }
 
     /// The client's cluster for a routing decision, (re)built for the current generation.
@@ -291,6 +386,8 @@ impl ClusterRegistry {
             None => {
                 let _writer = client.insert_lock.lock().expect("clusters lock");
                 match client.clusters.load().get(&cluster_name).cloned() {
+                    // Another request created it meanwhile.
+                    Some(c) if c.current.load().generation == generation => return c,
                     Some(c) => c,
                     None => {
                         let fresh = Arc::new(ClientCluster {
@@ -305,21 +402,33 @@ impl ClusterRegistry {
                             current: ArcSwap::from_pointee(empty_config()),
                             sweeper_running: AtomicBool::new(false),
                         });
+                        // Publish it only once configured, so concurrent first
+                        // requests never see (and rebuild) a placeholder.
+                        install_config(
+                            &fresh,
+                            build_config(snap, conn, client_ns, decision, generation, &fresh),
+                        );
                         let mut map = HashMap::clone(&client.clusters.load());
                         map.insert(cluster_name, fresh.clone());
                         client.clusters.store(Arc::new(map));
-                        fresh
+                        return fresh;
                     }
                 }
             }
         };
-        let config = build_config(snap, conn, client_ns, decision, generation, &cluster);
-        let has_outlier = config.outlier.is_some();
-        cluster.current.store(Arc::new(config));
-        if has_outlier {
-            cluster.start_sweeper();
-        }
+        install_config(
+            &cluster,
+            build_config(snap, conn, client_ns, decision, generation, &cluster),
+        );
         cluster
+    }
+}
+
+fn install_config(cluster: &Arc<ClientCluster>, config: ClusterConfig) {
+    let has_outlier = config.outlier.is_some();
+    cluster.current.store(Arc::new(config));
+    if has_outlier {
+        cluster.start_sweeper();
     }
 }
 
@@ -344,6 +453,7 @@ fn empty_config() -> ClusterConfig {
         settings: ConnSettings::default(),
         policy: TrafficPolicy::default(),
         rule: None,
+        peer: PeerLabels::unknown(),
     }
 }
 
@@ -381,6 +491,7 @@ fn build_config(
                 .is_some_and(|l| sel.iter().all(|(k, v)| l.get(k) == Some(v))),
         })
         .map(|e| Host {
+            peer: PeerLabels::destination(Some(service), e.pod.as_deref()),
             slot: slots
                 .entry(e.addr)
                 .or_insert_with(|| {
@@ -410,7 +521,14 @@ fn build_config(
         let wanted = OutlierConfig::from_istio(od);
         match previous.outlier.as_ref().filter(|d| *d.config() == wanted) {
             Some(same) => same.clone(),
-            None => Arc::new(OutlierDetector::new(wanted)),
+            None => {
+                let fresh = Arc::new(OutlierDetector::new(wanted));
+                // Counters are the cluster's, not the settings': they keep counting.
+                if let Some(old) = &previous.outlier {
+                    inherit_counters(old.stats(), fresh.stats());
+                }
+                fresh
+            }
         }
     });
     drop(previous);
@@ -439,5 +557,42 @@ fn build_config(
         settings: ConnSettings::from_istio(policy.connection_pool.as_ref()),
         rule: dr.map(|dr| dr.key.clone()),
         policy,
+        peer: PeerLabels::destination(Some(service), None),
+    }
+}
+
+/// Carries an outlier detector's counters (not the `ejections_active` gauge,
+/// which belongs to the hosts it ejected) over to its replacement.
+fn inherit_counters(from: &OutlierStats, to: &OutlierStats) {
+    let pairs = [
+        (&from.ejections_enforced_total, &to.ejections_enforced_total),
+        (&from.ejections_overflow, &to.ejections_overflow),
+        (
+            &from.ejections_enforced_consecutive_5xx,
+            &to.ejections_enforced_consecutive_5xx,
+        ),
+        (
+            &from.ejections_detected_consecutive_5xx,
+            &to.ejections_detected_consecutive_5xx,
+        ),
+        (
+            &from.ejections_enforced_consecutive_gateway_failure,
+            &to.ejections_enforced_consecutive_gateway_failure,
+        ),
+        (
+            &from.ejections_detected_consecutive_gateway_failure,
+            &to.ejections_detected_consecutive_gateway_failure,
+        ),
+        (
+            &from.ejections_enforced_consecutive_local_origin_failure,
+            &to.ejections_enforced_consecutive_local_origin_failure,
+        ),
+        (
+            &from.ejections_detected_consecutive_local_origin_failure,
+            &to.ejections_detected_consecutive_local_origin_failure,
+        ),
+    ];
+    for (a, b) in pairs {
+        b.fetch_add(a.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }

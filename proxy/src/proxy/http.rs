@@ -24,7 +24,9 @@ use crate::resilience::retry::backoff;
 use crate::state::AppProtocol;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::AccessLogEntry;
-use crate::telemetry::stats::ClusterStats;
+use crate::telemetry::stats::{
+    ClusterStats, PROTOCOL_GRPC, PROTOCOL_HTTP, PeerLabels, RequestTelemetry,
+};
 
 /// Serves one downstream request.
 pub async fn serve(
@@ -75,6 +77,15 @@ pub async fn serve(
         logger: shared.logger.clone(),
         request_body: None,
         done: false,
+        telemetry: RequestTelemetry {
+            series: conn.client_state.unrouted.clone(),
+            peer: PeerLabels::unknown(),
+            protocol: if is_grpc {
+                PROTOCOL_GRPC
+            } else {
+                PROTOCOL_HTTP
+            },
+        },
     });
 
     // hyper's read buffer limit is approximate; Envoy's header limit is exact.
@@ -179,6 +190,8 @@ async fn forward(
         .resolve(snap, conn, client_ns, &decision, cluster_name);
     let config = cluster.config().clone();
     let stats = &cluster.stats;
+    exchange.telemetry.series = stats.requests.clone();
+    exchange.telemetry.peer = config.peer.clone();
     let env = AttemptEnv {
         budgets: &cluster.budgets,
         limits: &config.limits,
@@ -273,6 +286,7 @@ async fn forward(
         let (addr, pool, in_flight) = match target {
             Target::Host(i) => {
                 let slot = &config.hosts[i].slot;
+                exchange.telemetry.peer = config.hosts[i].peer.clone();
                 (
                     slot.addr,
                     slot.pool.clone(),
@@ -287,7 +301,6 @@ async fn forward(
         };
         tried.push(addr);
         exchange.entry.upstream_host = Some(addr);
-        ClusterStats::inc(&stats.upstream_rq_total);
         let upstream_req = upstream_request(
             &parts,
             body.replay(),
@@ -312,6 +325,10 @@ async fn forward(
             Some(at) => tokio::time::timeout_at(at, send).await.ok(),
             None => Some(send.await),
         };
+        // Envoy counts a request once it is attached to an upstream connection.
+        if exchange.entry.upstream_local_address.is_some() {
+            ClusterStats::inc(&stats.upstream_rq_total);
+        }
         let record = |result: AttemptResult| {
             if let Some(i) = host_index {
                 cluster.record(&config, i, result);

@@ -77,6 +77,9 @@ pub struct Shared {
     pub clusters: ClusterRegistry,
     pub settings: ProxySettings,
     pub original_dst: Arc<dyn OriginalDst>,
+    /// Counters of client pods pruned from the registry while other pods of
+    /// their workload remain, so the workload's metric sums never go down.
+    pub retired: crate::telemetry::metrics::Retired,
 }
 
 impl Shared {
@@ -96,13 +99,17 @@ impl Shared {
             )),
             settings,
             original_dst,
+            retired: Default::default(),
         }
     }
 
     /// Installs a new configuration; in-flight requests keep the old one.
     pub fn install(&self, snapshot: Snapshot) {
-        self.snapshot.store(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        self.snapshot.store(snapshot.clone());
         self.clusters.bump_generation();
+        // Client pods and clusters that left the configuration go (and their series).
+        self.retired.prune(&self.clusters, &snapshot);
     }
 }
 
@@ -185,6 +192,7 @@ async fn handle_connection(
         client_key.clone(),
         source_workload.clone(),
         source_namespace.clone(),
+        client.clone(),
     );
     let ctx = Arc::new(ConnContext {
         client_state,

@@ -1,9 +1,11 @@
 //! Plain TCP to a Service whose port is TCP or whose traffic is not HTTP.
 //! Envoy's `tcp_proxy`: one connect attempt under the cluster's connection
 //! limit (`UO` when it is reached), then bytes both ways; the access log line
-//! is written when the connection closes.
+//! and Istio's TCP metrics (`istio_tcp_*`) are written when the connection
+//! closes (`istio_tcp_connections_opened_total` when it is accepted).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 use tokio::net::TcpStream;
@@ -13,10 +15,10 @@ use super::route::{RouteDecision, ServiceTarget, default_retry_policy};
 use super::{ConnContext, Shared};
 use crate::lb::PickContext;
 use crate::resilience::outlier::AttemptResult;
-use crate::resilience::pool::connect;
-use crate::telemetry::ResponseFlag;
+use crate::resilience::pool::{ConnectFailure, connect};
 use crate::telemetry::access_log::AccessLogEntry;
-use crate::telemetry::stats::ClusterStats;
+use crate::telemetry::stats::{ClusterStats, PROTOCOL_TCP, PeerLabels, SeriesKey};
+use crate::telemetry::{ResponseFlag, ResponseFlags};
 
 pub async fn proxy(
     mut downstream: TcpStream,
@@ -51,9 +53,35 @@ pub async fn proxy(
         .resolve(&snap, &ctx, client_ns, &decision, cluster_name);
     drop(snap);
     let config = cluster.config().clone();
-    let finish = |mut entry: AccessLogEntry| {
+    let tcp_key = |peer: &Arc<PeerLabels>, flags: ResponseFlags| SeriesKey {
+        peer: peer.clone(),
+        protocol: PROTOCOL_TCP,
+        response_code: 0,
+        flags,
+        grpc_status: None,
+    };
+    let mut peer = config.peer.clone();
+    let finish = |mut entry: AccessLogEntry, peer: &Arc<PeerLabels>| {
         entry.duration = started.elapsed();
+        cluster
+            .stats
+            .tcp
+            .with(&tcp_key(peer, entry.response_flags), |s| {
+                s.closed.fetch_add(1, Ordering::Relaxed);
+                // Istio's sides: sent = to the client (response), received = from it.
+                s.sent_bytes.fetch_add(entry.bytes_sent, Ordering::Relaxed);
+                s.received_bytes
+                    .fetch_add(entry.bytes_received, Ordering::Relaxed);
+            });
         shared.logger.log(entry);
+    };
+    let opened = |peer: &Arc<PeerLabels>| {
+        cluster
+            .stats
+            .tcp
+            .with(&tcp_key(peer, ResponseFlags::default()), |s| {
+                s.opened.fetch_add(1, Ordering::Relaxed);
+            });
     };
     let Some(index) = config.balancer.pick(
         &config.hosts,
@@ -62,28 +90,39 @@ pub async fn proxy(
             hash: None,
         },
     ) else {
+        opened(&peer);
         entry.response_flags.set(ResponseFlag::NoHealthyUpstream);
-        return finish(entry);
+        return finish(entry, &peer);
     };
+    peer = config.hosts[index].peer.clone();
+    opened(&peer);
     let slot = config.hosts[index].slot.clone();
     entry.upstream_host = Some(slot.addr);
     entry.upstream_request_attempt_count = 1;
     let Some(permit) = cluster.budgets.try_connection(&config.limits) else {
         ClusterStats::inc(&cluster.stats.upstream_cx_overflow);
         entry.response_flags.set(ResponseFlag::UpstreamOverflow);
-        return finish(entry);
+        return finish(entry, &peer);
     };
     let _in_flight = InFlight::start(slot.clone(), cluster.stats.clone());
+    let connect_started = Instant::now();
     match connect(slot.addr, &config.settings).await {
         Err(failure) => {
             cluster.record(&config, index, AttemptResult::ConnectFailed);
-            ClusterStats::inc(&cluster.stats.upstream_cx_connect_fail);
+            ClusterStats::inc(match failure {
+                ConnectFailure::Timeout => &cluster.stats.upstream_cx_connect_timeout,
+                _ => &cluster.stats.upstream_cx_connect_fail,
+            });
             entry
                 .response_flags
                 .set(ResponseFlag::UpstreamConnectionFailure);
             entry.upstream_transport_failure_reason = failure.transport_failure_reason();
         }
         Ok((mut upstream, local)) => {
+            cluster
+                .stats
+                .upstream_cx_connect_ms
+                .observe_duration_ms(connect_started.elapsed());
             cluster.record(&config, index, AttemptResult::ConnectSucceeded);
             ClusterStats::inc(&cluster.stats.upstream_cx_total);
             ClusterStats::inc(&cluster.stats.upstream_cx_active);
@@ -105,5 +144,5 @@ pub async fn proxy(
         }
     }
     drop(permit);
-    finish(entry);
+    finish(entry, &peer);
 }

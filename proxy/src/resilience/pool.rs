@@ -405,6 +405,7 @@ impl EndpointPool {
         upgrade: bool,
         local: &mut Option<SocketAddr>,
     ) -> Result<Sent, SendFailure> {
+        let connect_started = Instant::now();
         let (stream, local_addr) = match connect(self.addr, env.settings).await {
             Ok(c) => c,
             Err(failure) => {
@@ -417,6 +418,9 @@ impl EndpointPool {
             }
         };
         *local = Some(local_addr);
+        env.stats
+            .upstream_cx_connect_ms
+            .observe_duration_ms(connect_started.elapsed());
         ClusterStats::inc(&env.stats.upstream_cx_total);
         ClusterStats::inc(&env.stats.upstream_cx_active);
         let stats = env.stats.clone();

@@ -225,10 +225,17 @@ pub fn grpc_status_name(code: u32) -> &'static str {
 /// Lines waiting for the writer before new ones are dropped.
 const QUEUE_LINES: usize = 16 * 1024;
 
+/// What the writer thread receives.
+enum Message {
+    Line(Box<AccessLogEntry>),
+    /// Everything sent before is written; then the writer acknowledges.
+    Flush(SyncSender<()>),
+}
+
 /// Cheap handle for the data path; clone per connection.
 #[derive(Clone)]
 pub struct AccessLogger {
-    tx: Option<SyncSender<AccessLogEntry>>,
+    tx: Option<SyncSender<Message>>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -266,12 +273,23 @@ impl AccessLogger {
     /// Never blocks: a full queue drops the line and counts it.
     pub fn log(&self, entry: AccessLogEntry) {
         let Some(tx) = &self.tx else { return };
-        match tx.try_send(entry) {
+        match tx.try_send(Message::Line(Box::new(entry))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Waits (up to `timeout`) until every line logged before the call is
+    /// written; used at shutdown so the last requests' lines are not lost.
+    pub fn flush(&self, timeout: std::time::Duration) -> bool {
+        let Some(tx) = &self.tx else { return true };
+        let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
+        if tx.send(Message::Flush(ack_tx)).is_err() {
+            return false;
+        }
+        ack_rx.recv_timeout(timeout).is_ok()
     }
 
     /// Lines dropped because the writer could not keep up.
@@ -280,22 +298,32 @@ impl AccessLogger {
     }
 }
 
-fn write_lines(rx: Receiver<AccessLogEntry>, mut sink: Box<dyn Write + Send>) {
+fn write_lines(rx: Receiver<Message>, mut sink: Box<dyn Write + Send>) {
     let mut buf = String::with_capacity(4096);
+    let mut acks = Vec::new();
     while let Ok(first) = rx.recv() {
         buf.clear();
-        buf.push_str(&first.to_json());
-        buf.push('\n');
+        let mut next = Some(first);
         // Batch whatever else is queued, then write once so tailers see whole lines promptly.
-        while let Ok(more) = rx.try_recv() {
-            buf.push_str(&more.to_json());
-            buf.push('\n');
-            if buf.len() > 256 * 1024 {
-                break;
+        while let Some(msg) = next.take() {
+            match msg {
+                Message::Line(entry) => {
+                    buf.push_str(&entry.to_json());
+                    buf.push('\n');
+                }
+                Message::Flush(ack) => acks.push(ack),
+            }
+            if buf.len() < 256 * 1024 {
+                next = rx.try_recv().ok();
             }
         }
-        if let Err(err) = sink.write_all(buf.as_bytes()).and_then(|_| sink.flush()) {
+        if !buf.is_empty()
+            && let Err(err) = sink.write_all(buf.as_bytes()).and_then(|_| sink.flush())
+        {
             tracing::warn!(%err, "writing access log failed");
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
         }
     }
 }

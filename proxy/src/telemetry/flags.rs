@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ResponseFlag {
     /// `UH`: no healthy upstream host.
     NoHealthyUpstream,
@@ -54,7 +54,7 @@ impl ResponseFlag {
 }
 
 /// Set of response flags in insertion order (no allocation).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct ResponseFlags {
     flags: [Option<ResponseFlag>; 6],
 }
