@@ -35,7 +35,24 @@ pub struct RunOptions {
     pub config_poll_interval: Duration,
     pub load: LoadOptions,
     pub settings: ProxySettings,
+    /// Readiness probe listener (`--readiness-addr`, Istio's `:15021`).
+    pub readiness: Readiness,
 }
+
+/// Where `GET /healthz/ready` is served besides the admin API; it answers
+/// `503 DRAINING` once shutdown starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Off,
+    /// The default port: if it is taken (several proxies on one machine), warn and go on.
+    Default(SocketAddr),
+    /// Asked for explicitly: failing to listen is a start error.
+    Required(SocketAddr),
+}
+
+/// Istio's readiness port.
+pub const DEFAULT_READINESS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15021);
 
 impl RunOptions {
     pub fn new(config: PathBuf) -> Self {
@@ -50,6 +67,7 @@ impl RunOptions {
             config_poll_interval: Duration::from_secs(1),
             load: LoadOptions::default(),
             settings: ProxySettings::default(),
+            readiness: Readiness::Off,
         }
     }
 }
@@ -155,7 +173,23 @@ pub async fn start(
     let admin_addr = admin_listener.local_addr().expect("bound");
     let metrics_addr = metrics_listener.local_addr().expect("bound");
 
+    let readiness = match opts.readiness {
+        Readiness::Off => None,
+        Readiness::Default(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(err) => {
+                tracing::warn!(%addr, %err, "cannot listen for the readiness probe; not serving it (use --readiness-addr)");
+                None
+            }
+        },
+        Readiness::Required(addr) => Some(bind("readiness probe", addr).await?),
+    };
     let shutdown = CancellationToken::new();
+    if let Some(listener) = readiness {
+        tracing::info!(addr = %listener.local_addr().expect("bound"), "readiness probe listening");
+        // Draining starts with shutdown: the probe fails from then on.
+        tokio::spawn(admin::serve_readiness(listener, shutdown.clone()));
+    }
     let connections = TaskTracker::new();
     tokio::spawn(crate::proxy::serve_outbound(
         outbound,

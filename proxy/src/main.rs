@@ -3,16 +3,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use nodeway::admin::{self, cli};
-use nodeway::app::{self, RunOptions, StartError};
+use nodeway::app::{self, RunOptions};
 use nodeway::config::{self, LoadOptions};
 use nodeway::telemetry::access_log::AccessLogTarget;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -249,8 +246,11 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(err) = admin::logging::init(&args.log_level) {
         eprintln!("warning: logging not set up: {err}");
     }
-    let readiness_addr = args.readiness_addr;
     let mut opts = RunOptions::new(args.config);
+    opts.readiness = match args.readiness_addr {
+        Some(addr) => app::Readiness::Required(addr),
+        None => app::Readiness::Default(app::DEFAULT_READINESS_ADDR),
+    };
     opts.outbound_addr = args.outbound_addr;
     opts.admin_addr = args.admin_addr;
     opts.metrics_addr = args.metrics_addr;
@@ -268,57 +268,11 @@ fn run(args: RunArgs) -> ExitCode {
         rt.worker_threads(n);
     }
     let rt = rt.enable_all().build().expect("tokio runtime");
-    match rt.block_on(serve(opts, readiness_addr)) {
+    match rt.block_on(app::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Istio's readiness port.
-const DEFAULT_READINESS_ADDR: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15021);
-
-/// `app::run` plus the readiness listener: start, serve readiness, wait for
-/// SIGTERM/SIGINT, fail readiness, drain. A taken `--readiness-addr` is an
-/// error; a taken default port only a warning (several proxies on one
-/// machine, as in tests).
-async fn serve(opts: RunOptions, readiness_addr: Option<SocketAddr>) -> Result<(), StartError> {
-    let running = app::start(opts, Arc::new(nodeway::redirect::SoOriginalDst)).await?;
-    let addr = readiness_addr.unwrap_or(DEFAULT_READINESS_ADDR);
-    let draining = CancellationToken::new();
-    match TcpListener::bind(addr).await {
-        Ok(listener) => {
-            let addr = listener.local_addr().unwrap_or(addr);
-            tracing::info!(%addr, "readiness probe listening");
-            tokio::spawn(admin::serve_readiness(listener, draining.clone()));
-        }
-        Err(source) if readiness_addr.is_some() => {
-            running.shutdown().await;
-            return Err(StartError::Bind {
-                what: "readiness probe",
-                addr,
-                source,
-            });
-        }
-        Err(err) => {
-            tracing::warn!(%addr, %err, "cannot listen for the readiness probe; not serving it (use --readiness-addr)");
-        }
-    }
-    wait_for_signal().await;
-    tracing::info!("signal received; draining");
-    draining.cancel();
-    running.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
