@@ -126,11 +126,10 @@ async fn scraper(
             .header(http::header::HOST, "metrics")
             .body(Empty::new())
             .expect("request");
-        if let Ok(resp) = sender.send_request(req).await {
-            if resp.into_body().collect().await.is_ok() {
+        if let Ok(resp) = sender.send_request(req).await
+            && resp.into_body().collect().await.is_ok() {
                 scrapes += 1;
             }
-        }
     }
     scrapes
 }
