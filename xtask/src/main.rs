@@ -316,6 +316,8 @@ fn bench_scrape() -> Result {
             "16",
             "--requests",
             requests,
+            "--rate",
+            "5000",
         ]);
         if scrape {
             cmd.args(["--scrape", "127.0.0.1:15020", "--scrape-every-ms", "100"]);
@@ -329,11 +331,11 @@ fn bench_scrape() -> Result {
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
-    load("4000", false)?;
+    load("10000", false)?;
     let mut results: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     for round in 0..5 {
         for (i, scrape) in [false, true].into_iter().enumerate() {
-            let line = load("20000", scrape)?;
+            let line = load("50000", scrape)?;
             eprintln!("round {round} scrape={scrape}: {line}");
             results[i].push(line);
         }
@@ -342,7 +344,8 @@ fn bench_scrape() -> Result {
     drop(mocks);
     let mut report = String::from(
         "# Scrape overhead\n\nHTTP/1.1 through Nodeway (release, 1 worker thread, access log off), 16 keep-alive\n\
-         connections, 20 000 requests per run; five interleaved runs per case, medians.\n\n\
+         connections, open loop at 5 000 req/s (latency from each request's due time), 50 000 requests\n\
+         per run; five interleaved runs per case, medians.\n\n\
          | case | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | scrapes |\n|---|---|---|---|---|---|---|\n",
     );
     for (i, name) in ["no scrape", "scrape /metrics every 100 ms"]

@@ -1,7 +1,7 @@
 //! Closed-loop HTTP/1.1 load generator for benchmarks on loopback.
 //!
 //! `loadgen --target ADDR --src IP --authority HOST --path PATH --concurrency N
-//!  --requests N [--scrape URL_ADDR --scrape-every-ms N]`
+//!  --requests N [--rate REQ_PER_S] [--scrape ADDR --scrape-every-ms N]`
 //! Each worker keeps one keep-alive connection (bound to the client pod's
 //! source IP) and sends its share of requests back to back; latencies are
 //! exact (sorted), printed as one JSON object. With `--scrape`, a side task
@@ -25,6 +25,8 @@ struct Args {
     requests: usize,
     scrape: Option<SocketAddr>,
     scrape_every: Duration,
+    /// Open loop at this many requests/s in total (0 = closed loop).
+    rate: u64,
 }
 
 fn parse() -> Result<Args, String> {
@@ -37,6 +39,7 @@ fn parse() -> Result<Args, String> {
         requests: 10_000,
         scrape: None,
         scrape_every: Duration::from_millis(100),
+        rate: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -54,6 +57,7 @@ fn parse() -> Result<Args, String> {
             "--requests" => {
                 a.requests = value()?.parse().map_err(|e| format!("--requests: {e}"))?
             }
+            "--rate" => a.rate = value()?.parse().map_err(|e| format!("--rate: {e}"))?,
             "--scrape" => a.scrape = Some(value()?.parse().map_err(|e| format!("--scrape: {e}"))?),
             "--scrape-every-ms" => {
                 a.scrape_every = Duration::from_millis(
@@ -71,7 +75,15 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-async fn worker(args: &Args, n: usize) -> Result<Vec<Duration>, String> {
+/// With `--rate`, request `k` of worker `w` is due at `start + (k × workers + w) / rate`;
+/// its latency counts from that due time, so a slow answer delaying later
+/// sends is charged to them (no coordinated omission).
+async fn worker(
+    args: &Args,
+    n: usize,
+    index: usize,
+    start: Instant,
+) -> Result<Vec<Duration>, String> {
     let stream = connect_from(args.src, args.target)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -80,12 +92,19 @@ async fn worker(args: &Args, n: usize) -> Result<Vec<Duration>, String> {
         .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(conn);
     let mut took = Vec::with_capacity(n);
-    for _ in 0..n {
+    for k in 0..n {
+        let due = (args.rate > 0).then(|| {
+            start
+                + Duration::from_secs_f64((k * args.concurrency + index) as f64 / args.rate as f64)
+        });
+        if let Some(due) = due {
+            tokio::time::sleep_until(due.into()).await;
+        }
         let req = http::Request::get(&args.path)
             .header(http::header::HOST, &args.authority)
             .body(Empty::new())
             .expect("request");
-        let t = Instant::now();
+        let t = due.unwrap_or_else(Instant::now);
         sender.ready().await.map_err(|e| format!("ready: {e}"))?;
         let resp = sender
             .send_request(req)
@@ -104,32 +123,30 @@ async fn worker(args: &Args, n: usize) -> Result<Vec<Duration>, String> {
     Ok(took)
 }
 
-async fn scraper(
+/// Scrapes `/metrics` on its own OS thread (blocking I/O), so the scraper's
+/// work never delays the load workers' sends.
+fn scraper(
     addr: SocketAddr,
     every: Duration,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> u64 {
+    use std::io::{Read, Write};
     let mut scrapes = 0;
-    let mut tick = tokio::time::interval(every);
-    while !*stop.borrow() {
-        tick.tick().await;
-        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
-            continue;
-        };
-        let Ok((mut sender, conn)) =
-            http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await
-        else {
-            continue;
-        };
-        tokio::spawn(conn);
-        let req = http::Request::get("/metrics")
-            .header(http::header::HOST, "metrics")
-            .body(Empty::new())
-            .expect("request");
-        if let Ok(resp) = sender.send_request(req).await
-            && resp.into_body().collect().await.is_ok() {
+    let mut next = Instant::now();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        next += every;
+        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut body = Vec::new();
+            let ok = stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+                .and_then(|_| stream.read_to_end(&mut body))
+                .is_ok();
+            if ok && body.starts_with(b"HTTP/1.1 200") {
                 scrapes += 1;
             }
+        }
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
     scrapes
 }
@@ -143,15 +160,16 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let scrape = args
-        .scrape
-        .map(|addr| tokio::spawn(scraper(addr, args.scrape_every, stop_rx)));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scrape = args.scrape.map(|addr| {
+        let (every, stop) = (args.scrape_every, stop.clone());
+        std::thread::spawn(move || scraper(addr, every, stop))
+    });
     let per_worker = args.requests.div_ceil(args.concurrency);
     let started = Instant::now();
     let args_ref: &'static Args = Box::leak(Box::new(args));
     let workers: Vec<_> = (0..args_ref.concurrency)
-        .map(|_| tokio::spawn(worker(args_ref, per_worker)))
+        .map(|i| tokio::spawn(worker(args_ref, per_worker, i, started)))
         .collect();
     let mut all = Vec::with_capacity(per_worker * args_ref.concurrency);
     for w in workers {
@@ -164,11 +182,8 @@ async fn main() {
         }
     }
     let elapsed = started.elapsed();
-    let _ = stop_tx.send(true);
-    let scrapes = match scrape {
-        Some(s) => s.await.unwrap_or(0),
-        None => 0,
-    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scrape.map_or(0, |s| s.join().unwrap_or(0));
     all.sort();
     let pct = |p: f64| all[((all.len() - 1) as f64 * p).round() as usize].as_micros();
     println!(
