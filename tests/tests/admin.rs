@@ -9,7 +9,6 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,28 +16,6 @@ use common::*;
 use nodeway_tests::{Outcome, Proto, request};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const CLUSTER: &str = "outbound|8080||mock.default.svc.cluster.local";
-const SLEEP_POD: &str = "default/sleep-5d9c7b8f6-abcde";
-const WEB_POD_KEY: &str = "default/web-6b7c9d8f5-xyz12";
-const WEB_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, 6));
-
-/// A second client pod on the node (workload `web`).
-const WEB_POD: &str = r#"---
-apiVersion: v1
-kind: Pod
-metadata:
-  name: web-6b7c9d8f5-xyz12
-  namespace: default
-  labels: {app: web, pod-template-hash: 6b7c9d8f5}
-  ownerReferences:
-  - {apiVersion: apps/v1, kind: ReplicaSet, name: web-6b7c9d8f5, uid: "2"}
-spec:
-  containers: [{name: web, image: web}]
-status:
-  podIP: 127.0.1.6
-  podIPs: [{ip: 127.0.1.6}]
-"#;
 
 /// Ejects an endpoint at its first 5xx, for long enough to outlive the test.
 const DR_EJECT: &str = r#"---
@@ -472,28 +449,6 @@ async fn readiness_and_help() {
 // ---------------------------------------------------------------------------
 // The binary's subcommands (helpers as in cli.rs).
 // ---------------------------------------------------------------------------
-
-/// Builds the binary once per test process and returns its path.
-fn nodeway_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "nodeway", "--bin", "nodeway"])
-            .current_dir(&root)
-            .status()
-            .expect("cargo build runs");
-        assert!(status.success(), "building nodeway failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        target.join("debug/nodeway")
-    })
-    .clone()
-}
 
 struct Proc(Child);
 impl Drop for Proc {

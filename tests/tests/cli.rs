@@ -6,34 +6,11 @@ mod common;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
 use nodeway_tests::{Proto, request};
-
-/// Builds the binary once per test process and returns its path.
-fn nodeway_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "nodeway", "--bin", "nodeway"])
-            .current_dir(&root)
-            .status()
-            .expect("cargo build runs");
-        assert!(status.success(), "building nodeway failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        target.join("debug/nodeway")
-    })
-    .clone()
-}
 
 fn repo_file(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -15,41 +15,9 @@ use common::*;
 use nodeway_tests::{Outcome, Proto, connect_from, refused_addr, request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const CLUSTER: &str = "outbound|8080||mock.default.svc.cluster.local";
 const SERVICE: &str = "mock.default.svc.cluster.local";
-const WEB_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, 6));
 /// A second pod of the `sleep` Deployment.
 const SLEEP2_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, 7));
-
-/// DestinationRule A of the resilience issue.
-const DR_A: &str = r#"---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: mock, namespace: default}
-spec:
-  host: mock
-  trafficPolicy:
-    connectionPool:
-      tcp: {maxConnections: 1}
-      http: {http1MaxPendingRequests: 1, maxConcurrentStreams: 1}
-    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 100}
-"#;
-
-const WEB_POD: &str = r#"---
-apiVersion: v1
-kind: Pod
-metadata:
-  name: web-6b7c9d8f5-xyz12
-  namespace: default
-  labels: {app: web, version: v2, pod-template-hash: 6b7c9d8f5}
-  ownerReferences:
-  - {apiVersion: apps/v1, kind: ReplicaSet, name: web-6b7c9d8f5, uid: "2"}
-spec:
-  containers: [{name: web, image: web}]
-status:
-  podIP: 127.0.1.6
-  podIPs: [{ip: 127.0.1.6}]
-"#;
 
 const SLEEP2_POD: &str = r#"---
 apiVersion: v1

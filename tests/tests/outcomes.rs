@@ -13,7 +13,6 @@ use nodeway_tests::access_log::Entry;
 use nodeway_tests::grpc::METHOD_PATH;
 use nodeway_tests::{Outcome, Proto, refused_addr, request, request_and_abort};
 
-const CLUSTER: &str = "outbound|8080||mock.default.svc.cluster.local";
 const RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled";
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -21,7 +21,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
-const CLUSTER: &str = "outbound|8080||mock.default.svc.cluster.local";
 /// `clusterIP:port` of the `mock` Service in the generated config (never dialled).
 const MOCK_VIP: &str = "10.96.0.20:8080";
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);

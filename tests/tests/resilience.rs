@@ -15,24 +15,6 @@ use nodeway_tests::mock::MockOptions;
 use nodeway_tests::{Outcome, Proto, refused_addr, request};
 use serde_json::Value;
 
-const CLUSTER: &str = "outbound|8080||mock.default.svc.cluster.local";
-const SLEEP_POD: &str = "default/sleep-5d9c7b8f6-abcde";
-const WEB_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, 6));
-
-/// DestinationRule A of the issue.
-const DR_A: &str = r#"---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: mock, namespace: default}
-spec:
-  host: mock
-  trafficPolicy:
-    connectionPool:
-      tcp: {maxConnections: 1}
-      http: {http1MaxPendingRequests: 1, maxConcurrentStreams: 1}
-    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 100}
-"#;
-
 /// DestinationRule B of the issue.
 const DR_B: &str = r#"---
 apiVersion: networking.istio.io/v1
@@ -43,23 +25,6 @@ spec:
   trafficPolicy:
     connectionPool:
       http: {http2MaxRequests: 1}
-"#;
-
-/// A second client pod on the node.
-const WEB_POD: &str = r#"---
-apiVersion: v1
-kind: Pod
-metadata:
-  name: web-6b7c9d8f5-xyz12
-  namespace: default
-  labels: {app: web, pod-template-hash: 6b7c9d8f5}
-  ownerReferences:
-  - {apiVersion: apps/v1, kind: ReplicaSet, name: web-6b7c9d8f5, uid: "2"}
-spec:
-  containers: [{name: web, image: web}]
-status:
-  podIP: 127.0.1.6
-  podIPs: [{ip: 127.0.1.6}]
 "#;
 
 fn no_retries(config: MeshConfig) -> MeshConfig {

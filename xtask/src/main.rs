@@ -135,36 +135,17 @@ fn demo(once: bool) -> Result {
         ])
         .current_dir(&root))?;
     let bin = root.join("target/debug");
-    let mut mocks = Vec::new();
-    for (addr, name) in ENDPOINTS {
-        mocks.push(KillOnDrop(
-            Command::new(bin.join("mock-upstream"))
-                .args(["--listen", addr, "--name", name])
-                .stdout(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("mock-upstream: {e}"))?,
-        ));
-    }
-    let config = root.join("deploy/examples/local.yaml");
-    let proxy = KillOnDrop(
-        Command::new(bin.join("nodeway"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .args([
-                "--access-log",
-                "stdout",
-                "--node",
-                "node-a",
-                "--log-level",
-                "warn",
-            ])
-            .spawn()
-            .map_err(|e| format!("nodeway: {e}"))?,
-    );
-    wait_for_port("127.0.0.1:15001", Duration::from_secs(10))?;
-    for (addr, _) in ENDPOINTS {
-        wait_for_port(addr, Duration::from_secs(10))?;
-    }
+    let (proxy, mocks) = start_example_mesh(
+        &bin,
+        &[
+            "--access-log",
+            "stdout",
+            "--node",
+            "node-a",
+            "--log-level",
+            "warn",
+        ],
+    )?;
     eprintln!("\n== Nodeway is running; requests from the example client pod ({CLIENT_IP}) ==");
     let requests = [
         "http://mock-server/status/200",
@@ -222,6 +203,35 @@ fn demo(once: bool) -> Result {
     Ok(())
 }
 
+/// Starts the three mock upstreams of `deploy/examples/local.yaml` and
+/// Nodeway with that file (plus `nodeway_args`), and waits until all listen.
+/// Returns (proxy, mocks); dropping them stops the processes.
+fn start_example_mesh(bin: &Path, nodeway_args: &[&str]) -> Result<(KillOnDrop, Vec<KillOnDrop>)> {
+    let mut mocks = Vec::new();
+    for (addr, name) in ENDPOINTS {
+        mocks.push(KillOnDrop(
+            Command::new(bin.join("mock-upstream"))
+                .args(["--listen", addr, "--name", name])
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("mock-upstream: {e}"))?,
+        ));
+    }
+    let proxy = KillOnDrop(
+        Command::new(bin.join("nodeway"))
+            .args(["run", "--config"])
+            .arg(root().join("deploy/examples/local.yaml"))
+            .args(nodeway_args)
+            .spawn()
+            .map_err(|e| format!("nodeway: {e}"))?,
+    );
+    wait_for_port("127.0.0.1:15001", Duration::from_secs(10))?;
+    for (addr, _) in ENDPOINTS {
+        wait_for_port(addr, Duration::from_secs(10))?;
+    }
+    Ok((proxy, mocks))
+}
+
 fn wait_for_port(addr: &str, within: Duration) -> Result {
     let start = Instant::now();
     while start.elapsed() < within {
@@ -264,41 +274,21 @@ fn bench_scrape() -> Result {
         ])
         .current_dir(&root))?;
     let bin = root.join("target/release");
-    let mut mocks = Vec::new();
-    for (addr, name) in ENDPOINTS {
-        mocks.push(KillOnDrop(
-            Command::new(bin.join("mock-upstream"))
-                .args(["--listen", addr, "--name", name])
-                .stdout(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("mock-upstream: {e}"))?,
-        ));
-    }
-    let proxy = KillOnDrop(
-        Command::new(bin.join("nodeway"))
-            .args(["run", "--config"])
-            .arg(root.join("deploy/examples/local.yaml"))
-            .args([
-                "--access-log",
-                "off",
-                "--log-level",
-                "warn",
-                "--worker-threads",
-                "1",
-            ])
-            .args([
-                "--metrics-addr",
-                "127.0.0.1:15020",
-                "--readiness-addr",
-                "127.0.0.1:15121",
-            ])
-            .spawn()
-            .map_err(|e| format!("nodeway: {e}"))?,
-    );
-    wait_for_port("127.0.0.1:15001", Duration::from_secs(10))?;
-    for (addr, _) in ENDPOINTS {
-        wait_for_port(addr, Duration::from_secs(10))?;
-    }
+    let (proxy, mocks) = start_example_mesh(
+        &bin,
+        &[
+            "--access-log",
+            "off",
+            "--log-level",
+            "warn",
+            "--worker-threads",
+            "1",
+            "--metrics-addr",
+            "127.0.0.1:15020",
+            "--readiness-addr",
+            "127.0.0.1:15121",
+        ],
+    )?;
     let load = |requests: &str, scrape: bool| -> Result<String> {
         let mut cmd = Command::new(bin.join("loadgen"));
         cmd.args([

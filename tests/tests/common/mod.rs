@@ -4,8 +4,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nodeway::app::{self, RunOptions, Running};
@@ -305,3 +306,63 @@ pub const FIELDS: [&str; 30] = [
     "source_workload",
     "source_namespace",
 ];
+
+/// Cluster of the generated `mock` Service (port 8080, no subset).
+pub const CLUSTER: &str = "outbound|8080||mock.default.svc.cluster.local";
+/// The `sleep` client pod's key in `/stats` and the registry.
+pub const SLEEP_POD: &str = "default/sleep-5d9c7b8f6-abcde";
+/// A second client pod, `web` (source 127.0.1.6), as a YAML document to append.
+pub const WEB_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, 6));
+pub const WEB_POD_KEY: &str = "default/web-6b7c9d8f5-xyz12";
+pub const WEB_POD: &str = r#"---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-6b7c9d8f5-xyz12
+  namespace: default
+  labels: {app: web, version: v2, pod-template-hash: 6b7c9d8f5}
+  ownerReferences:
+  - {apiVersion: apps/v1, kind: ReplicaSet, name: web-6b7c9d8f5, uid: "2"}
+spec:
+  containers: [{name: web, image: web}]
+status:
+  podIP: 127.0.1.6
+  podIPs: [{ip: 127.0.1.6}]
+"#;
+
+/// DestinationRule A of the resilience issue: one connection, one pending request,
+/// outlier detection after five consecutive 5xx.
+pub const DR_A: &str = r#"---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mock, namespace: default}
+spec:
+  host: mock
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxConcurrentStreams: 1}
+    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 100}
+"#;
+
+/// Builds the binary once per test process and returns its path.
+pub fn nodeway_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "nodeway", "--bin", "nodeway"])
+            .current_dir(&root)
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building nodeway failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug/nodeway")
+    })
+    .clone()
+}
