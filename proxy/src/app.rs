@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -14,6 +14,8 @@ use crate::admin;
 use crate::config::{self, LoadOptions, Problem};
 use crate::proxy::{ProxySettings, Shared};
 use crate::redirect::OriginalDst;
+use crate::redirect::ebpf::{EbpfOptions, EbpfRedirect};
+use crate::redirect::enroll::{EnrolledPod, Enroller};
 use crate::telemetry::access_log::{AccessLogTarget, AccessLogger};
 
 /// Everything `nodeway run` is told. Defaults are the CLI's.
@@ -37,6 +39,8 @@ pub struct RunOptions {
     pub settings: ProxySettings,
     /// Readiness probe listener (`--readiness-addr`, Istio's `:15021`).
     pub readiness: Readiness,
+    /// `--redirect ebpf`: load the eBPF programs and enroll pods.
+    pub redirect: Option<EbpfOptions>,
 }
 
 /// Where `GET /healthz/ready` is served besides the admin API; it answers
@@ -68,6 +72,7 @@ impl RunOptions {
             load: LoadOptions::default(),
             settings: ProxySettings::default(),
             readiness: Readiness::Off,
+            redirect: None,
         }
     }
 }
@@ -106,6 +111,29 @@ pub struct ConfigStatus {
     /// Increases with every configuration installed (1 = the initial one).
     pub generation: AtomicU64,
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// What the eBPF data path is doing (admin `/redirect`).
+    pub redirect: std::sync::Mutex<RedirectStatus>,
+}
+
+/// The eBPF data path as the admin API reports it.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct RedirectStatus {
+    /// `off`, `ebpf`, or `failed` (loading failed; serving without redirect).
+    pub mode: &'static str,
+    pub error: Option<String>,
+    pub cgroup: Option<String>,
+    pub sockmap: bool,
+    /// Attached programs and their kernel ids (`bpftool prog show id N`).
+    pub programs: Vec<ProgramStatus>,
+    pub enrolled: Vec<EnrolledPod>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgramStatus {
+    pub name: &'static str,
+    pub id: u32,
+    /// Where it is attached.
+    pub attach: String,
 }
 
 /// A running proxy.
@@ -119,12 +147,17 @@ pub struct Running {
     shutdown: CancellationToken,
     connections: TaskTracker,
     drain_timeout: Duration,
+    enroller: Option<Arc<Mutex<Enroller>>>,
 }
 
 impl Running {
     /// Stops accepting, lets in-flight requests finish for up to the drain
     /// timeout, and returns whether everything finished in time.
     pub async fn shutdown(self) -> bool {
+        if let Some(enroller) = &self.enroller {
+            // New connections of enrolled pods go direct from now on.
+            enroller.lock().expect("enroller lock").clear();
+        }
         self.shutdown.cancel();
         self.connections.close();
         let drained = tokio::time::timeout(self.drain_timeout, self.connections.wait())
@@ -152,14 +185,66 @@ pub async fn start(
         path: format!("{:?}", opts.access_log),
         source,
     })?;
+    let status = Arc::new(ConfigStatus::default());
+    status.generation.store(1, Ordering::Relaxed);
+    let ebpf = match &opts.redirect {
+        None => {
+            status.redirect.lock().expect("status lock").mode = "off";
+            None
+        }
+        Some(ebpf_opts) => match EbpfRedirect::load(ebpf_opts) {
+            Ok(ebpf) => {
+                let ebpf = Arc::new(ebpf);
+                let cgroup = ebpf.cgroup().display().to_string();
+                let mut programs: Vec<ProgramStatus> = ebpf
+                    .attached()
+                    .iter()
+                    .map(|(name, id)| ProgramStatus {
+                        name,
+                        id: *id,
+                        attach: if *name == "nodeway_sk_msg" {
+                            "socket map".into()
+                        } else {
+                            format!("cgroup {cgroup}")
+                        },
+                    })
+                    .collect();
+                programs.push(ProgramStatus {
+                    name: "nodeway_inbound",
+                    id: ebpf.inbound_program_id(),
+                    attach: "each enrolled pod's network namespace".into(),
+                });
+                tracing::info!(%cgroup, sockmap = ebpf.sockmap(), "eBPF redirect attached");
+                *status.redirect.lock().expect("status lock") = RedirectStatus {
+                    mode: "ebpf",
+                    error: None,
+                    cgroup: Some(cgroup),
+                    sockmap: ebpf.sockmap(),
+                    programs,
+                    enrolled: Vec::new(),
+                };
+                Some(ebpf)
+            }
+            Err(err) => {
+                // Serving without redirect beats not serving: say why, loudly.
+                tracing::error!("{err}\n  serving without eBPF redirect");
+                let mut redirect = status.redirect.lock().expect("status lock");
+                redirect.mode = "failed";
+                redirect.error = Some(err.to_string());
+                None
+            }
+        },
+    };
+    let original_dst: Arc<dyn OriginalDst> = match &ebpf {
+        Some(ebpf) => ebpf.clone(),
+        None => original_dst,
+    };
     let shared = Arc::new(Shared::new(
         loaded,
         logger,
         opts.settings.clone(),
         original_dst,
     ));
-    let status = Arc::new(ConfigStatus::default());
-    status.generation.store(1, Ordering::Relaxed);
 
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -196,7 +281,23 @@ pub async fn start(
         shared.clone(),
         shutdown.clone(),
         connections.clone(),
+        None,
     ));
+    let enroller = match (&opts.redirect, ebpf) {
+        (Some(_), Some(ebpf)) => {
+            let mut enroller = Enroller::new(
+                ebpf,
+                opts.node.clone(),
+                shared.clone(),
+                shutdown.clone(),
+                connections.clone(),
+            );
+            enroller.reconcile(&shared.snapshot.load());
+            status.redirect.lock().expect("status lock").enrolled = enroller.enrolled();
+            Some(Arc::new(Mutex::new(enroller)))
+        }
+        _ => None,
+    };
     tokio::spawn(admin::serve(
         admin_listener,
         shared.clone(),
@@ -217,6 +318,7 @@ pub async fn start(
         shared.clone(),
         status.clone(),
         shutdown.clone(),
+        enroller.clone(),
     ));
     tracing::info!(%outbound_addr, %admin_addr, %metrics_addr, config = %opts.config.display(), "nodeway started");
     Ok(Running {
@@ -228,6 +330,7 @@ pub async fn start(
         shutdown,
         connections,
         drain_timeout: opts.drain_timeout,
+        enroller,
     })
 }
 
@@ -256,6 +359,7 @@ async fn watch_config(
     shared: Arc<Shared>,
     status: Arc<ConfigStatus>,
     shutdown: CancellationToken,
+    enroller: Option<Arc<Mutex<Enroller>>>,
 ) {
     let mut last = std::fs::read(&path).ok();
     loop {
@@ -277,6 +381,11 @@ async fn watch_config(
         match load(&path, &opts) {
             Ok(snapshot) => {
                 shared.install(snapshot);
+                if let Some(enroller) = &enroller {
+                    let mut enroller = enroller.lock().expect("enroller lock");
+                    enroller.reconcile(&shared.snapshot.load());
+                    status.redirect.lock().expect("status lock").enrolled = enroller.enrolled();
+                }
                 let generation = status.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 *status.last_error.lock().expect("status lock") = None;
                 tracing::info!(generation, "configuration reloaded");

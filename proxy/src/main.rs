@@ -94,6 +94,18 @@ struct MeshArgs {
     cluster_domain: String,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RedirectMode {
+    Off,
+    Ebpf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Multi-document YAML of Kubernetes and Istio objects; reloaded on change.
@@ -136,6 +148,17 @@ struct RunArgs {
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// `ebpf`: load the eBPF programs, enroll pods of opted-in namespaces and
+    /// open listeners inside them. `off`: serve only `--outbound-addr`.
+    #[arg(long, value_enum, default_value_t = RedirectMode::Off)]
+    redirect: RedirectMode,
+    /// Socket-map acceleration between apps and the proxy (`--redirect ebpf`).
+    #[arg(long, value_enum, default_value_t = OnOff::Off)]
+    sockmap: OnOff,
+    /// cgroup v2 directory the eBPF programs attach to; enrolled pods must be
+    /// below it [default: the cgroup v2 mount].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
     #[command(flatten)]
     mesh: MeshArgs,
 }
@@ -263,6 +286,12 @@ fn run(args: RunArgs) -> ExitCode {
     opts.settings.max_client_share_percent = args.max_client_share;
     opts.load.root_namespace = args.mesh.root_namespace;
     opts.load.cluster_domain = args.mesh.cluster_domain;
+    if args.redirect == RedirectMode::Ebpf {
+        opts.redirect = Some(nodeway::redirect::ebpf::EbpfOptions {
+            cgroup: args.cgroup,
+            sockmap: args.sockmap == OnOff::On,
+        });
+    }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.worker_threads {
         rt.worker_threads(n);

@@ -4,8 +4,10 @@
 
 pub mod access_log;
 pub mod clients;
+pub mod ebpf_mesh;
 pub mod grpc;
 pub mod mock;
+pub mod topology;
 
 use std::net::{IpAddr, SocketAddr};
 

@@ -63,13 +63,53 @@ fn have(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Installs missing tools: `curl` (demo), `cargo-nextest` (test runner).
+/// Installs what is missing, idempotently: `curl` (demo), `cargo-nextest`
+/// (test runner), `nft` and `bpftool` (eBPF test topology and checks), and
+/// the eBPF toolchain: LLVM 22, nightly's `rust-src`, `bpf-linker`.
 fn setup() -> Result {
-    if !have("curl") {
-        apt_install(&["curl"])?;
+    let mut packages = Vec::new();
+    for (program, package) in [
+        ("curl", "curl"),
+        ("nft", "nftables"),
+        ("bpftool", "bpftool"),
+    ] {
+        if !have(program) {
+            packages.push(package);
+        }
+    }
+    if !Path::new("/usr/lib/llvm-22/lib/libLLVM.so").exists()
+        || !Path::new("/usr/lib/llvm-22/lib/libPolly.a").exists()
+    {
+        packages.extend(["llvm-22-dev", "libpolly-22-dev"]);
+    }
+    if !packages.is_empty() {
+        apt_install(&packages)?;
     }
     if !have("cargo-nextest") {
         run(Command::new("cargo").args(["install", "--locked", "cargo-nextest"]))?;
+    }
+    let has_rust_src = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"));
+    if !has_rust_src {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    if !have("bpf-linker") {
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            env::var("PATH").unwrap_or_default()
+        );
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", "0.13.0"])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path))?;
     }
     Ok(())
 }

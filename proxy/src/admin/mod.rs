@@ -46,6 +46,7 @@ pub use tokio_util::sync::CancellationToken;
 const HELP: &str = "\
 admin commands are:
   GET  /ready, /healthz/ready       readiness
+  GET  /redirect                    eBPF data path: attached programs and their ids, enrolled pods (JSON)
   GET  /config_dump                 configuration and each client cluster's effective policy (JSON)
   GET  /stats                       cluster stats, Envoy text form; ?filter=REGEX ?source=WORKLOAD ?format=json
   POST /reset_counters              zero all counters (gauges keep their value)
@@ -138,6 +139,10 @@ fn handle(
         "/ready" | "/healthz/ready" if get => text(StatusCode::OK, "LIVE\n"),
         "/" | "/help" if get => text(StatusCode::OK, HELP),
         "/config_dump" if get => json(&dump::config_dump(shared, status)),
+        "/redirect" if get => json(
+            &serde_json::to_value(&*status.redirect.lock().expect("status lock"))
+                .unwrap_or_default(),
+        ),
         "/stats" if get => {
             let filter = match query.regex("filter") {
                 Ok(f) => f,
@@ -190,12 +195,11 @@ fn handle(
             StatusCode::METHOD_NOT_ALLOWED,
             "this operation requires a POST\n",
         ),
-        "/ready" | "/healthz/ready" | "/" | "/help" | "/config_dump" | "/stats" | "/endpoints" => {
-            text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "this operation requires a GET\n",
-            )
-        }
+        "/ready" | "/healthz/ready" | "/" | "/help" | "/config_dump" | "/stats" | "/endpoints"
+        | "/redirect" => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this operation requires a GET\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, format!("not found\n{HELP}")),
     }
 }

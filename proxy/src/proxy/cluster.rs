@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use super::ConnContext;
 use super::route::{self, RouteDecision};
 use crate::lb::{self, Balancer, BalancerConfig};
+use crate::redirect::netns::Dialer;
 use crate::resilience::breaker::{Breaker, Budgets, ClientBudget, Limits, NodeBudget, Permit};
 use crate::resilience::outlier::{
     AttemptResult, HostOutlier, OutlierConfig, OutlierDetector, OutlierStats,
@@ -210,6 +211,8 @@ pub struct ClientState {
     pub source_namespace: Arc<str>,
     /// The pod, when the source address is a known one (Istio's source labels).
     pub workload: Option<Arc<Workload>>,
+    /// Where this client's upstream connections are opened.
+    pub dialer: Dialer,
     /// Istio request series of requests that reached no cluster (`NR`, `NC`, …).
     pub unrouted: Arc<SeriesMap<RequestSeries>>,
     budget: Arc<ClientBudget>,
@@ -287,8 +290,15 @@ impl ClusterRegistry {
         source_workload: Arc<str>,
         source_namespace: Arc<str>,
         workload: Option<Arc<Workload>>,
+        dialer: &Dialer,
     ) -> Arc<ClientState> {
         let mut clients = self.clients.lock().expect("registry lock");
+        // A pod enrolled again (new network namespace) starts afresh.
+        if let Some(existing) = clients.get(&key)
+            && !existing.dialer.same_netns(dialer)
+        {
+            clients.remove(&key);
+        }
         clients
             .entry(key.clone())
             .or_insert_with(|| {
@@ -297,6 +307,7 @@ impl ClusterRegistry {
                     source_workload,
                     source_namespace,
                     workload,
+                    dialer: dialer.clone(),
                     unrouted: Arc::default(),
                     budget: Arc::default(),
                     clusters: ArcSwap::default(),

@@ -197,6 +197,7 @@ async fn forward(
         limits: &config.limits,
         settings: &config.settings,
         stats,
+        dialer: &conn.client_state.dialer,
     };
     let service_port = &decision.target.service.ports[decision.target.port_idx];
     let protocol = upstream_protocol(service_port.protocol, parts.version, &config);

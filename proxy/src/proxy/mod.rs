@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::redirect::OriginalDst;
+use crate::redirect::netns::Dialer;
 use crate::resilience::breaker::NodeBudget;
 use crate::state::{AppProtocol, Snapshot, Workload};
 use crate::telemetry::ResponseFlag;
@@ -129,13 +130,23 @@ pub struct ConnContext {
     pub client_state: Arc<cluster::ClientState>,
 }
 
+/// The enrolled pod a listener inside a pod's network namespace belongs to:
+/// every connection it accepts comes from that pod (eBPF redirect).
+#[derive(Debug)]
+pub struct ListenerPod {
+    pub workload: Arc<Workload>,
+    /// Creates upstream sockets in the pod's network namespace.
+    pub dialer: Dialer,
+}
+
 /// Accepts connections until `shutdown`; each connection is tracked so the
-/// caller can wait for them to drain.
+/// caller can wait for them to drain. `pod` is set for in-pod listeners.
 pub async fn serve_outbound(
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    pod: Option<Arc<ListenerPod>>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -149,6 +160,7 @@ pub async fn serve_outbound(
                     peer,
                     shared.clone(),
                     shutdown.clone(),
+                    pod.clone(),
                 ));
             }
             Err(err) => {
@@ -165,6 +177,7 @@ async fn handle_connection(
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    pod: Option<Arc<ListenerPod>>,
 ) {
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr() else {
@@ -172,7 +185,19 @@ async fn handle_connection(
     };
     let orig_dst = shared.original_dst.original_dst(&stream);
     let snap = shared.snapshot.load();
-    let client = snap.pods_by_ip.get(&peer.ip()).cloned();
+    // An in-pod listener knows its pod; the current config has its labels.
+    let client = match &pod {
+        Some(pod) => Some(
+            pod.workload
+                .ips
+                .first()
+                .and_then(|ip| snap.pods_by_ip.get(ip))
+                .filter(|w| w.pod_name == pod.workload.pod_name)
+                .cloned()
+                .unwrap_or_else(|| pod.workload.clone()),
+        ),
+        None => snap.pods_by_ip.get(&peer.ip()).cloned(),
+    };
     let vip_target = orig_dst.and_then(|d| route::target_for_vip(&snap, d));
     drop(snap);
     let (client_key, source_workload, source_namespace): (Arc<str>, Arc<str>, Arc<str>) =
@@ -193,6 +218,7 @@ async fn handle_connection(
         source_workload.clone(),
         source_namespace.clone(),
         client.clone(),
+        pod.as_ref().map_or(&Dialer::default(), |p| &p.dialer),
     );
     let ctx = Arc::new(ConnContext {
         client_state,
@@ -205,6 +231,24 @@ async fn handle_connection(
         source_namespace,
         vip_target,
     });
+
+    // A redirected connection to something that is not a Service goes where
+    // it was going, as Istio's PassthroughCluster does.
+    if pod.is_some()
+        && let Some(dst) = ctx.orig_dst
+        && ctx.vip_target.is_none()
+    {
+        let mut entry = AccessLogEntry::new(
+            SystemTime::now(),
+            ctx.source_workload.clone(),
+            ctx.source_namespace.clone(),
+        );
+        entry.downstream_remote_address = Some(ctx.peer);
+        entry.downstream_local_address = Some(dst);
+        entry.upstream_cluster = Some(Arc::from("PassthroughCluster"));
+        let dialer = &ctx.client_state.dialer;
+        return tcp::relay(stream, entry, dst, dialer, None, &shared).await;
+    }
 
     let declared_tcp = ctx
         .vip_target
@@ -227,6 +271,56 @@ async fn handle_connection(
                 tracing::debug!(%peer, "non-HTTP connection without original destination; closing");
             }
         },
+    }
+}
+
+/// Serves an enrolled pod's inbound listener: connections the `sk_lookup`
+/// program delivered for the pod's own address. The accepted socket's local
+/// address is where the client was going; the proxy forwards there from
+/// 127.0.0.6 (which the capture skips) and logs cluster `inbound|PORT||`.
+pub async fn serve_inbound(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    pod: Arc<ListenerPod>,
+) {
+    let forward_src = std::net::IpAddr::from(nodeway_ebpf_common::INBOUND_FORWARD_SRC);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(err) => {
+                tracing::warn!(%err, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(dst) = stream.local_addr() else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let snap = shared.snapshot.load();
+        let (workload, namespace) = match snap.pods_by_ip.get(&peer.ip()) {
+            Some(w) => (
+                Arc::from(w.workload_name.as_str()),
+                Arc::from(w.namespace.as_str()),
+            ),
+            None => (Arc::from("unknown"), Arc::from("unknown")),
+        };
+        drop(snap);
+        let mut entry = AccessLogEntry::new(SystemTime::now(), workload, namespace);
+        entry.downstream_remote_address = Some(peer);
+        entry.downstream_local_address = Some(dst);
+        entry.upstream_cluster = Some(Arc::from(format!("inbound|{}||", dst.port())));
+        let shared = shared.clone();
+        let pod = pod.clone();
+        tracker.spawn(async move {
+            tcp::relay(stream, entry, dst, &pod.dialer, Some(forward_src), &shared).await;
+        });
     }
 }
 

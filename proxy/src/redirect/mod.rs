@@ -1,8 +1,13 @@
 //! Where a redirected connection was originally going.
 //!
-//! The eBPF data path (later) answers `SO_ORIGINAL_DST` from its map; until
-//! then the same socket option also works for iptables `REDIRECT`. The proxy
-//! only sees this trait, so tests can supply destinations directly.
+//! With `--redirect ebpf` the eBPF programs' map answers (`ebpf`); without,
+//! `SO_ORIGINAL_DST` works for iptables `REDIRECT`. The proxy only sees this
+//! trait, so tests can supply destinations directly. `netns` opens sockets
+//! inside pods; `enroll` keeps the enrolled pods in step with the config.
+
+pub mod ebpf;
+pub mod enroll;
+pub mod netns;
 
 use std::net::SocketAddr;
 

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
+
+use crate::redirect::netns::Dialer;
 
 use super::breaker::{Budgets, Limits, Permit};
 use crate::proxy::body::RequestBody;
@@ -241,6 +243,8 @@ pub struct AttemptEnv<'a> {
     pub limits: &'a Limits,
     pub settings: &'a ConnSettings,
     pub stats: &'a Arc<ClusterStats>,
+    /// Where the client's upstream sockets are created (its pod, with eBPF).
+    pub dialer: &'a Dialer,
 }
 
 /// Decrements a gauge when the scope ends, however it ends.
@@ -406,7 +410,7 @@ impl EndpointPool {
         local: &mut Option<SocketAddr>,
     ) -> Result<Sent, SendFailure> {
         let connect_started = Instant::now();
-        let (stream, local_addr) = match connect(self.addr, env.settings).await {
+        let (stream, local_addr) = match connect(self.addr, env.settings, env.dialer).await {
             Ok(c) => c,
             Err(failure) => {
                 let counter = match failure {
@@ -505,13 +509,9 @@ async fn send_h2(stream: H2Stream, req: http::Request<RequestBody>) -> Result<Se
 pub async fn connect(
     addr: SocketAddr,
     settings: &ConnSettings,
+    dialer: &Dialer,
 ) -> Result<(TcpStream, SocketAddr), ConnectFailure> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(ConnectFailure::Local)?;
+    let socket = dialer.tcp_socket(addr).map_err(ConnectFailure::Local)?;
     socket.set_nodelay(true).map_err(ConnectFailure::Local)?;
     if let Some(ka) = &settings.tcp_keepalive {
         let mut keepalive = socket2::TcpKeepalive::new();

@@ -40,6 +40,8 @@ const ZONE_LABELS: [&str; 2] = [
 const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
 /// Namespace label that turns traffic redirection on (`enabled`); a Pod can opt out with `disabled`.
 const REDIRECT_LABEL: &str = "nodeway.io/redirect";
+/// Pod annotation naming its network namespace file (file mode).
+pub const NETNS_ANNOTATION: &str = "nodeway.io/netns";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Why a field is invalid (the message of an error [`Problem`]).
@@ -482,6 +484,13 @@ fn build_pods<'o>(
             ips,
             node_name,
             redirect_enabled: namespace_enabled && !pod_disabled,
+            netns: pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(NETNS_ANNOTATION))
+                .filter(|p| !p.is_empty())
+                .map(std::path::PathBuf::from),
         });
 
         // Host-network pods share the node's IP and finished pods may have

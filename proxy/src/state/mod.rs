@@ -68,6 +68,8 @@ pub struct Workload {
     pub locality: Locality,
     /// From the Pod's namespace label `nodeway.io/redirect` and its own label.
     pub redirect_enabled: bool,
+    /// Network namespace file (annotation `nodeway.io/netns`, file mode).
+    pub netns: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]

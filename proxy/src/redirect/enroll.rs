@@ -1,0 +1,204 @@
+//! Keeps the enrolled pods in step with the configuration: for each pod of
+//! an opted-in namespace (on this node, not opted out, with a known network
+//! namespace) the proxy opens in-pod listeners and adds the namespace to the
+//! eBPF enrolment map; when a pod leaves, it undoes both.
+//!
+//! In file mode a Pod names its network namespace with the annotation
+//! `nodeway.io/netns` (e.g. `/var/run/netns/NAME` or `/proc/PID/ns/net`).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nodeway_ebpf_common::{ENROLLED_IPV6, INBOUND_PORT, OUTBOUND_PORT};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::ebpf::{EbpfRedirect, Enrolled};
+use super::netns::{Dialer, Netns};
+use crate::proxy::{ListenerPod, Shared, serve_inbound, serve_outbound};
+use crate::state::{Snapshot, Workload};
+
+struct PodEntry {
+    netns_path: PathBuf,
+    enrolled: Enrolled,
+    /// Stops the pod's listeners (and drains their connections).
+    stop: CancellationToken,
+}
+
+/// What `/config_dump` and tests see of one enrolled pod.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EnrolledPod {
+    pub pod: String,
+    pub netns: String,
+    pub netns_cookie: u64,
+}
+
+pub struct Enroller {
+    ebpf: Arc<EbpfRedirect>,
+    node: Option<String>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    pods: HashMap<String, PodEntry>,
+    /// Published copy for readers (admin API).
+    published: Arc<std::sync::Mutex<Vec<EnrolledPod>>>,
+}
+
+impl Enroller {
+    pub fn new(
+        ebpf: Arc<EbpfRedirect>,
+        node: Option<String>,
+        shared: Arc<Shared>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Enroller {
+        Enroller {
+            ebpf,
+            node,
+            shared,
+            shutdown,
+            tracker,
+            pods: HashMap::new(),
+            published: Arc::default(),
+        }
+    }
+
+    /// The pods enrolled now, sorted.
+    pub fn enrolled(&self) -> Vec<EnrolledPod> {
+        self.published.lock().expect("enrolled lock").clone()
+    }
+
+    /// The pods that should be enrolled under `snap`, by `namespace/name`.
+    fn wanted<'a>(&self, snap: &'a Snapshot) -> HashMap<String, (&'a Arc<Workload>, PathBuf)> {
+        let mut wanted = HashMap::new();
+        for w in snap.pods_by_ip.values() {
+            if !w.redirect_enabled {
+                continue;
+            }
+            if let (Some(node), Some(pod_node)) = (&self.node, &w.node_name)
+                && node != pod_node
+            {
+                continue;
+            }
+            let Some(netns) = &w.netns else {
+                continue;
+            };
+            wanted.insert(
+                format!("{}/{}", w.namespace, w.pod_name),
+                (w, netns.clone()),
+            );
+        }
+        wanted
+    }
+
+    /// Enrolls new pods and unenrolls departed ones. Failures are logged
+    /// per pod and retried at the next configuration change.
+    pub fn reconcile(&mut self, snap: &Snapshot) {
+        let wanted = self.wanted(snap);
+        let gone: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(key, entry)| wanted.get(*key).is_none_or(|(_, p)| *p != entry.netns_path))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            if let Some(entry) = self.pods.remove(&key) {
+                self.ebpf.unenroll(entry.enrolled);
+                entry.stop.cancel();
+                tracing::info!(pod = %key, "pod unenrolled: its new connections go direct");
+            }
+        }
+        for (key, (workload, netns_path)) in wanted {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            match self.enroll(workload, &netns_path) {
+                Ok(entry) => {
+                    tracing::info!(pod = %key, netns = %netns_path.display(), "pod enrolled");
+                    self.pods.insert(key, entry);
+                }
+                Err(err) => {
+                    tracing::error!(pod = %key, netns = %netns_path.display(), "cannot enroll pod: {err}");
+                }
+            }
+        }
+        let mut published: Vec<EnrolledPod> = self
+            .pods
+            .iter()
+            .map(|(key, e)| EnrolledPod {
+                pod: key.clone(),
+                netns: e.netns_path.display().to_string(),
+                netns_cookie: e.enrolled.cookie(),
+            })
+            .collect();
+        published.sort_by(|a, b| a.pod.cmp(&b.pod));
+        *self.published.lock().expect("enrolled lock") = published;
+    }
+
+    fn enroll(&self, workload: &Arc<Workload>, netns_path: &PathBuf) -> Result<PodEntry, String> {
+        let netns =
+            Netns::open(netns_path).map_err(|e| format!("opening the network namespace: {e}"))?;
+        let outbound_addr = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
+        let outbound = netns
+            .listen(outbound_addr)
+            .map_err(|e| format!("listening on {outbound_addr} in the pod: {e}"))?;
+        // IPv6 connects are redirected only where the pod has IPv6 loopback.
+        let outbound6 = netns
+            .listen(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)))
+            .ok();
+        let inbound_addr = SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT));
+        let inbound = netns
+            .listen(inbound_addr)
+            .map_err(|e| format!("listening on {inbound_addr} in the pod: {e}"))?;
+        let ipv4 = workload.ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        });
+        let flags = if outbound6.is_some() {
+            ENROLLED_IPV6
+        } else {
+            0
+        };
+        let enrolled = self
+            .ebpf
+            .enroll(&netns, flags, ipv4.map(|ip| (&inbound, ip)))
+            .map_err(|e| e.to_string())?;
+        let pod = Arc::new(ListenerPod {
+            workload: workload.clone(),
+            dialer: Dialer::in_netns(netns),
+        });
+        let stop = self.shutdown.child_token();
+        for listener in std::iter::once(outbound).chain(outbound6) {
+            tokio::spawn(serve_outbound(
+                listener,
+                self.shared.clone(),
+                stop.clone(),
+                self.tracker.clone(),
+                Some(pod.clone()),
+            ));
+        }
+        tokio::spawn(serve_inbound(
+            inbound,
+            self.shared.clone(),
+            stop.clone(),
+            self.tracker.clone(),
+            pod,
+        ));
+        Ok(PodEntry {
+            netns_path: netns_path.clone(),
+            enrolled,
+            stop,
+        })
+    }
+
+    /// Unenrolls every pod (clean exit).
+    pub fn clear(&mut self) {
+        for (_, entry) in self.pods.drain() {
+            self.ebpf.unenroll(entry.enrolled);
+            entry.stop.cancel();
+        }
+        self.published.lock().expect("enrolled lock").clear();
+    }
+}

@@ -1,0 +1,419 @@
+//! A one-node mesh on the topology harness, with Nodeway redirecting by eBPF:
+//! what the eBPF integration tests and `cargo xtask demo` run.
+//!
+//! Pods (node netns has no uplink; addresses exist only in the topology):
+//! - `sleep` 10.244.0.5, namespace `shop` (enrolled): the client.
+//! - `bystander` 10.244.0.6, namespace `plain` (not enrolled).
+//! - `mock-server-a`/`-b` 10.244.0.11/.12 (node-a, zone-a) and
+//!   `mock-server-c` 10.244.0.13 (node-b, zone-b), namespace `shop`, serving
+//!   `mock-upstream` on :8080. Service `mock-server.shop` is 10.96.0.10:80;
+//!   the node namespace DNATs it for pods that are not redirected.
+//!
+//! The proxy runs as a child process in the host network namespace, in the
+//! topology's cgroup `proxy`, with `--node node-a`.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::access_log::{AccessLog, Entry};
+use crate::topology::Topology;
+
+pub const CLIENT: &str = "sleep";
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
+pub const BYSTANDER: &str = "bystander";
+pub const BYSTANDER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 6);
+pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+pub const SERVICE_FQDN: &str = "mock-server.shop.svc.cluster.local";
+pub const CLUSTER: &str = "outbound|80||mock-server.shop.svc.cluster.local";
+
+/// (pod name, IP, node, zone) of the backends.
+pub const BACKENDS: [(&str, Ipv4Addr, &str, &str); 3] = [
+    (
+        "mock-server-a",
+        Ipv4Addr::new(10, 244, 0, 11),
+        "node-a",
+        "zone-a",
+    ),
+    (
+        "mock-server-b",
+        Ipv4Addr::new(10, 244, 0, 12),
+        "node-a",
+        "zone-a",
+    ),
+    (
+        "mock-server-c",
+        Ipv4Addr::new(10, 244, 0, 13),
+        "node-b",
+        "zone-b",
+    ),
+];
+
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    pub sockmap: bool,
+    /// Namespace `shop` carries `nodeway.io/redirect: enabled`.
+    pub shop_enrolled: bool,
+    /// Extra YAML documents (DestinationRules, VirtualServices).
+    pub extra_yaml: String,
+    /// `--fail-rate` of each backend (same order as [`BACKENDS`]).
+    pub fail_rates: [f64; 3],
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        MeshOptions {
+            sockmap: false,
+            shop_enrolled: true,
+            extra_yaml: String::new(),
+            fail_rates: [0.0; 3],
+        }
+    }
+}
+
+pub struct Mesh {
+    /// Dropped last: the proxy and the pods' processes are killed with it.
+    pub topo: Topology,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: AccessLog,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub proxy: Option<Child>,
+    proxy_stderr: PathBuf,
+    opts: MeshOptions,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free loopback port")
+}
+
+/// The mesh's Kubernetes and Istio objects.
+pub fn config_yaml(topo: &Topology, opts: &MeshOptions) -> String {
+    let mut y = String::new();
+    let label = if opts.shop_enrolled {
+        "\n  labels:\n    nodeway.io/redirect: enabled"
+    } else {
+        ""
+    };
+    let _ = write!(
+        y,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop{label}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata:\n  name: plain\n---\n"
+    );
+    for (node, zone) in [("node-a", "zone-a"), ("node-b", "zone-b")] {
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels:\n    \
+             topology.kubernetes.io/region: local\n    topology.kubernetes.io/zone: {zone}\n---\n"
+        );
+    }
+    let mut pod = |name: &str, ns: &str, app: &str, ip: Ipv4Addr, node: &str| {
+        let netns = topo.pod(name).netns_path.display().to_string();
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  \
+             labels:\n    app: {app}\n  annotations:\n    nodeway.io/netns: {netns}\n\
+             spec:\n  nodeName: {node}\n  containers:\n    - name: main\n      image: test\n\
+             status:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n    - ip: {ip}\n---\n"
+        );
+    };
+    pod(CLIENT, "shop", "sleep", CLIENT_IP, "node-a");
+    pod(BYSTANDER, "plain", "bystander", BYSTANDER_IP, "node-a");
+    for (name, ip, node, _) in BACKENDS {
+        pod(name, "shop", "mock-server", ip, node);
+    }
+    let _ = write!(
+        y,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: mock-server\n  namespace: shop\n\
+         spec:\n  selector:\n    app: mock-server\n  clusterIP: {vip}\n  ports:\n    - name: http\n      \
+         port: {port}\n      targetPort: 8080\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: mock-server-1\n  \
+         namespace: shop\n  labels:\n    kubernetes.io/service-name: mock-server\naddressType: IPv4\n\
+         ports:\n  - name: http\n    port: 8080\n    protocol: TCP\nendpoints:\n",
+        vip = VIP.ip(),
+        port = VIP.port()
+    );
+    for (name, ip, node, zone) in BACKENDS {
+        let _ = write!(
+            y,
+            "  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n    nodeName: {node}\n    \
+             zone: {zone}\n    targetRef: {{kind: Pod, namespace: shop, name: {name}}}\n"
+        );
+    }
+    y.push_str("---\n");
+    y.push_str(&opts.extra_yaml);
+    y
+}
+
+impl Mesh {
+    /// Builds the topology, starts the backends and the proxy, and waits
+    /// until the proxy reports every expected pod enrolled.
+    pub fn start(nodeway: &Path, mock_upstream: &Path, opts: MeshOptions) -> Mesh {
+        let mut topo = Topology::new();
+        topo.add_pod(CLIENT, CLIENT_IP);
+        topo.add_pod(BYSTANDER, BYSTANDER_IP);
+        let mut backends = Vec::new();
+        for (i, (name, ip, _, _)) in BACKENDS.into_iter().enumerate() {
+            topo.add_pod(name, ip);
+            let listen = format!("{ip}:8080");
+            let fail = opts.fail_rates[i].to_string();
+            let mut child = topo.spawn(
+                name,
+                mock_upstream,
+                &["--listen", &listen, "--name", name, "--fail-rate", &fail],
+            );
+            crate::topology::wait_for_stdout_line(&mut child, "listening", Duration::from_secs(10));
+            backends.push(SocketAddrV4::new(ip, 8080));
+        }
+        topo.add_service_vip(VIP, &backends);
+        let dir = std::env::temp_dir().join(format!("{}-mesh", topo.id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mesh temp dir");
+        let config = dir.join("mesh.yaml");
+        std::fs::write(&config, config_yaml(&topo, &opts)).expect("write mesh config");
+        let mut mesh = Mesh {
+            log: AccessLog::new(dir.join("access.log")),
+            proxy_stderr: dir.join("nodeway.stderr"),
+            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            topo,
+            dir,
+            config,
+            proxy: None,
+            opts,
+        };
+        mesh.start_proxy(nodeway);
+        mesh
+    }
+
+    /// Starts the proxy (again) and waits for its enrolment.
+    pub fn start_proxy(&mut self, nodeway: &Path) {
+        let cgroup = self.topo.cgroup_dir().join("proxy");
+        let cgroup = if cgroup.is_dir() {
+            cgroup
+        } else {
+            self.topo.add_cgroup("proxy")
+        };
+        let stderr = std::fs::File::create(&self.proxy_stderr).expect("proxy stderr file");
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--config".into(),
+            self.config.display().to_string(),
+            "--redirect".into(),
+            "ebpf".into(),
+            "--sockmap".into(),
+            if self.opts.sockmap { "on" } else { "off" }.into(),
+            "--cgroup".into(),
+            self.topo.cgroup_dir().display().to_string(),
+            "--node".into(),
+            "node-a".into(),
+            "--outbound-addr".into(),
+            "127.0.0.1:0".into(),
+            "--admin-addr".into(),
+            self.admin.to_string(),
+            "--metrics-addr".into(),
+            self.metrics.to_string(),
+            "--readiness-addr".into(),
+            "127.0.0.1:0".into(),
+            "--access-log".into(),
+            self.log.path().display().to_string(),
+            "--log-level".into(),
+            "info,nodeway::ebpf=debug".into(),
+        ];
+        let mut child = self.topo.spawn_in_cgroup(&cgroup, nodeway, &args);
+        // Keep the proxy's stderr in a file the tests can show on failure.
+        if let Some(mut err) = child.stderr.take() {
+            let mut file = stderr;
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut err, &mut file);
+            });
+        }
+        if let Some(mut out) = child.stdout.take() {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut out, &mut std::io::sink());
+            });
+        }
+        self.proxy = Some(child);
+        let expected = if self.opts.shop_enrolled { 3 } else { 0 };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.redirect_status()
+                && status["mode"] == "ebpf"
+                && status["enrolled"].as_array().map_or(0, Vec::len) >= expected
+            {
+                return;
+            }
+            if let Some(Ok(Some(exit))) = self.proxy.as_mut().map(Child::try_wait) {
+                panic!("nodeway exited ({exit}):\n{}", self.proxy_stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodeway did not enroll the pods in 30 s; /redirect: {:?}\n{}",
+                self.redirect_status(),
+                self.proxy_stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn proxy_stderr(&self) -> String {
+        std::fs::read_to_string(&self.proxy_stderr).unwrap_or_default()
+    }
+
+    /// GET on the admin API (loopback), parsed as JSON.
+    pub fn admin_json(&self, path: &str) -> Option<Value> {
+        let body = http_get(self.admin, path)?;
+        serde_json::from_str(&body).ok()
+    }
+
+    pub fn redirect_status(&self) -> Option<Value> {
+        self.admin_json("/redirect")
+    }
+
+    /// `/metrics` text (loopback).
+    pub fn metrics_text(&self) -> String {
+        http_get(self.metrics, "/metrics").unwrap_or_default()
+    }
+
+    /// Rewrites the config with new options and waits until the proxy has
+    /// installed it and its enrolment count matches.
+    pub fn reconfigure(&mut self, opts: MeshOptions) {
+        let before = self
+            .admin_json("/config_dump")
+            .and_then(|d| d["generation"].as_u64())
+            .unwrap_or(0);
+        self.opts = opts;
+        std::fs::write(&self.config, config_yaml(&self.topo, &self.opts)).expect("write config");
+        let expected = if self.opts.shop_enrolled { 3 } else { 0 };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let generation = self
+                .admin_json("/config_dump")
+                .and_then(|d| d["generation"].as_u64())
+                .unwrap_or(0);
+            let enrolled = self
+                .redirect_status()
+                .and_then(|s| s["enrolled"].as_array().map(Vec::len))
+                .unwrap_or(usize::MAX);
+            if generation > before && enrolled == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "config not applied (generation {generation}, enrolled {enrolled})\n{}",
+                self.proxy_stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `pod-client ARGS` in `pod` and parses its last JSON line.
+    pub fn pod_client(&self, pod_client: &Path, pod: &str, args: &[&str]) -> Value {
+        let out: Output = self
+            .topo
+            .run(pod, pod_client, args, Duration::from_secs(120));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().rev().find(|l| !l.trim().is_empty());
+        match line.and_then(|l| serde_json::from_str(l).ok()) {
+            Some(v) => v,
+            None => panic!(
+                "pod-client {args:?} in {pod}: {}\nstdout: {stdout}\nstderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+
+    /// Waits until the access log has at least `n` lines; returns them all.
+    pub fn wait_log_lines(&self, n: usize, within: Duration) -> Vec<Entry> {
+        let deadline = Instant::now() + within;
+        loop {
+            let lines = self.log.lines();
+            if lines.len() >= n || Instant::now() >= deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM to the proxy; waits for it to exit and returns its status.
+    pub fn stop_proxy(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.proxy.take()?;
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.proxy.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("mesh files kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// A minimal blocking HTTP/1.1 GET on loopback (admin and metrics only).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Some(dechunk(body));
+    }
+    Some(body.to_owned())
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
