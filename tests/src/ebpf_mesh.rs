@@ -6,7 +6,8 @@
 //! - `bystander` 10.244.0.6, namespace `plain` (not enrolled).
 //! - `mock-server-a`/`-b` 10.244.0.11/.12 (node-a, zone-a) and
 //!   `mock-server-c` 10.244.0.13 (node-b, zone-b), namespace `shop`, serving
-//!   `mock-upstream` on :8080. Service `mock-server.shop` is 10.96.0.10:80;
+//!   `mock-upstream` on :8080. Service `mock-server.shop` is 10.96.0.10:80
+//!   (port `web`: protocol sniffed, so HTTP/1.1, HTTP/2 and gRPC all fit);
 //!   the node namespace DNATs it for pods that are not redirected.
 //!
 //! The proxy runs as a child process in the host network namespace, in the
@@ -133,11 +134,11 @@ pub fn config_yaml(topo: &Topology, opts: &MeshOptions) -> String {
     let _ = write!(
         y,
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: mock-server\n  namespace: shop\n\
-         spec:\n  selector:\n    app: mock-server\n  clusterIP: {vip}\n  ports:\n    - name: http\n      \
+         spec:\n  selector:\n    app: mock-server\n  clusterIP: {vip}\n  ports:\n    - name: web\n      \
          port: {port}\n      targetPort: 8080\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: mock-server-1\n  \
          namespace: shop\n  labels:\n    kubernetes.io/service-name: mock-server\naddressType: IPv4\n\
-         ports:\n  - name: http\n    port: 8080\n    protocol: TCP\nendpoints:\n",
+         ports:\n  - name: web\n    port: 8080\n    protocol: TCP\nendpoints:\n",
         vip = VIP.ip(),
         port = VIP.port()
     );

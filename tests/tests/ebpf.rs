@@ -55,9 +55,28 @@ fn status_of(v: &Value) -> u64 {
         .unwrap_or_else(|| panic!("no status in {v}"))
 }
 
+/// Inbound capture is L4: its line is written when the connection closes,
+/// so upstream connections are not kept alive here.
+const ONE_REQUEST_PER_CONNECTION: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: mock-server
+  namespace: shop
+spec:
+  host: mock-server
+  trafficPolicy:
+    connectionPool:
+      http:
+        maxRequestsPerConnection: 1
+---
+";
+
 #[test]
 fn enrolled_pod_is_redirected_and_bystander_goes_direct() {
-    let mesh = start(MeshOptions::default());
+    let mesh = start(MeshOptions {
+        extra_yaml: ONE_REQUEST_PER_CONNECTION.into(),
+        ..MeshOptions::default()
+    });
     let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/status/200")]);
     assert_eq!(status_of(&reply), 200, "{reply}\n{}", mesh.proxy_stderr());
 
@@ -70,7 +89,7 @@ fn enrolled_pod_is_redirected_and_bystander_goes_direct() {
     let out = out[0];
     assert_eq!(field(out, "source_workload"), Some("sleep"));
     assert_eq!(field(out, "source_namespace"), Some("shop"));
-    assert_eq!(out["response_code"], 200);
+    assert_eq!(out["response_code"], "200");
     // The original destination the app dialled, recovered from the eBPF map.
     assert_eq!(
         field(out, "downstream_local_address"),
@@ -117,4 +136,281 @@ fn enrolled_pod_is_redirected_and_bystander_goes_direct() {
         field(inbound_lines(new)[0], "source_workload"),
         Some("bystander")
     );
+}
+
+#[test]
+fn enrolment_follows_the_namespace_label_without_restart() {
+    let mut mesh = start(MeshOptions::default());
+    let url = vip_url("/status/200");
+    let outbound_count = |mesh: &Mesh| outbound_lines(&mesh.log.lines()).len();
+
+    assert_eq!(
+        status_of(&mesh.pod_client(&pod_client(), CLIENT, &["http", &url])),
+        200
+    );
+    mesh.wait_log_lines(1, Duration::from_secs(5));
+    assert_eq!(outbound_count(&mesh), 1);
+
+    // Unlabel the namespace: new connections go direct (node DNAT), no line.
+    mesh.reconfigure(MeshOptions {
+        shop_enrolled: false,
+        ..MeshOptions::default()
+    });
+    assert_eq!(
+        status_of(&mesh.pod_client(&pod_client(), CLIENT, &["http", &url])),
+        200
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(outbound_count(&mesh), 1, "{:#?}", mesh.log.lines());
+
+    // Label it again: redirected again, same proxy process.
+    mesh.reconfigure(MeshOptions::default());
+    assert_eq!(
+        status_of(&mesh.pod_client(&pod_client(), CLIENT, &["http", &url])),
+        200
+    );
+    mesh.wait_log_lines(2, Duration::from_secs(5));
+    assert_eq!(outbound_count(&mesh), 2, "{:#?}", mesh.log.lines());
+}
+
+#[test]
+fn http2_and_grpc_go_through_the_redirect() {
+    let mesh = start(MeshOptions::default());
+    let reply = mesh.pod_client(
+        &pod_client(),
+        CLIENT,
+        &["http", &vip_url("/status/200"), "--h2"],
+    );
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    let reply = mesh.pod_client(&pod_client(), CLIENT, &["grpc", &VIP.to_string()]);
+    assert_eq!(reply["grpc_status"], 0, "{reply}");
+    let lines = mesh.wait_log_lines(2, Duration::from_secs(5));
+    let out = outbound_lines(&lines);
+    assert_eq!(out.len(), 2, "{lines:#?}");
+    assert_eq!(field(out[0], "protocol"), Some("HTTP/2"));
+    assert_eq!(field(out[1], "grpc_status"), Some("OK"), "{:?}", out[1]);
+    for line in out {
+        assert_eq!(
+            field(line, "downstream_local_address"),
+            Some(&*VIP.to_string())
+        );
+        assert_eq!(field(line, "source_workload"), Some("sleep"));
+    }
+}
+
+const RETRIES_AND_TIMEOUT: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: mock-server
+  namespace: shop
+spec:
+  hosts: [mock-server]
+  http:
+    - match:
+        - uri:
+            prefix: /delay
+      timeout: 300ms
+      route:
+        - destination:
+            host: mock-server
+    - retries:
+        attempts: 3
+        retryOn: 5xx
+      route:
+        - destination:
+            host: mock-server
+---
+";
+
+#[test]
+fn retries_and_timeouts_hold_through_the_redirect() {
+    // mock-server-c always answers 503; retries go to the other hosts.
+    let mesh = start(MeshOptions {
+        extra_yaml: RETRIES_AND_TIMEOUT.into(),
+        fail_rates: [0.0, 0.0, 1.0],
+        ..MeshOptions::default()
+    });
+    for _ in 0..6 {
+        let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/status/200")]);
+        assert_eq!(status_of(&reply), 200, "{reply}");
+    }
+    let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/delay/2000")]);
+    assert_eq!(status_of(&reply), 504, "{reply}");
+    let lines = mesh.wait_log_lines(7, Duration::from_secs(5));
+    let out = outbound_lines(&lines);
+    assert_eq!(out.len(), 7, "{lines:#?}");
+    let retried = out[..6]
+        .iter()
+        .filter(|e| field(e, "upstream_request_attempt_count") != Some("1"))
+        .count();
+    // Round robin over three hosts sends two of six first attempts to the bad one.
+    assert!(retried >= 1, "{out:#?}");
+    assert!(out[..6].iter().all(|e| e["response_code"] == "200"));
+    assert_eq!(out[6]["response_code"], "504");
+    assert_eq!(field(out[6], "response_flags"), Some("UT"));
+}
+
+fn echo_check(sockmap: bool) {
+    let mesh = start(MeshOptions {
+        sockmap,
+        ..MeshOptions::default()
+    });
+    assert_eq!(
+        mesh.redirect_status().unwrap()["sockmap"],
+        sockmap,
+        "{:?}",
+        mesh.redirect_status()
+    );
+    let url = vip_url("/echo");
+    for (conns, size) in [("200", "65536"), ("4", "1048576")] {
+        let report = mesh.pod_client(
+            &pod_client(),
+            CLIENT,
+            &["echo-check", &url, "--conns", conns, "--size", size],
+        );
+        assert_eq!(
+            report["failed"],
+            0,
+            "sockmap {sockmap}, {conns} x {size}: {report}\n{}",
+            mesh.proxy_stderr()
+        );
+        assert_eq!(report["ok"].as_u64(), conns.parse().ok(), "{report}");
+    }
+    // Every one went through the proxy.
+    let lines = mesh.wait_log_lines(204, Duration::from_secs(10));
+    assert_eq!(outbound_lines(&lines).len(), 204);
+}
+
+#[test]
+fn bodies_arrive_byte_identical_with_sockmap_on() {
+    echo_check(true);
+}
+
+#[test]
+fn bodies_arrive_byte_identical_with_sockmap_off() {
+    echo_check(false);
+}
+
+/// Kernel ids of the programs the proxy reports attached.
+fn program_ids(mesh: &Mesh) -> Vec<u64> {
+    let status = mesh.redirect_status().expect("/redirect");
+    status["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .map(|p| p["id"].as_u64().expect("id"))
+        .collect()
+}
+
+fn bpftool(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn clean_exit_leaves_no_programs_links_or_namespaces() {
+    let mut mesh = start(MeshOptions {
+        sockmap: true,
+        ..MeshOptions::default()
+    });
+    let ids = program_ids(&mesh);
+    assert_eq!(ids.len(), 5, "{:?}", mesh.redirect_status());
+    for id in &ids {
+        let (found, _) = bpftool(&["prog", "show", "id", &id.to_string()]);
+        assert!(found, "program {id} should be loaded while the proxy runs");
+    }
+    let (_, links) = bpftool(&["link", "show"]);
+    let linked = |links: &str| {
+        ids.iter()
+            .filter(|id| links.contains(&format!("prog {id}")))
+            .count()
+    };
+    // connect4, connect6, sockops on the cgroup; sk_lookup in 3 pod netns.
+    assert!(linked(&links) >= 4, "{links}");
+    assert_eq!(
+        status_of(&mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/status/200")])),
+        200
+    );
+
+    let status = mesh.stop_proxy().expect("proxy was running");
+    assert!(status.success(), "{status}\n{}", mesh.proxy_stderr());
+    for id in &ids {
+        let (found, out) = bpftool(&["prog", "show", "id", &id.to_string()]);
+        assert!(!found, "program {id} still loaded after exit: {out}");
+    }
+    let (_, links) = bpftool(&["link", "show"]);
+    assert_eq!(linked(&links), 0, "{links}");
+    assert!(!std::path::Path::new("/sys/fs/bpf/nodeway").exists());
+    // With the proxy gone the pod's connects are no longer redirected.
+    let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/status/200")]);
+    assert_eq!(status_of(&reply), 200, "{reply}");
+
+    let id = mesh.topo.id().to_owned();
+    drop(mesh);
+    let left = nodeway_tests::topology::leftovers(&id);
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_failed_ebpf_load_names_the_step_and_keeps_serving() {
+    // Needs no root: the cgroup does not exist, so loading stops there.
+    let dir = std::env::temp_dir().join(format!("nodeway-ebpf-fail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("c.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
+    )
+    .unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut child = std::process::Command::new(common::nodeway_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--redirect", "ebpf", "--cgroup", "/nonexistent/cgroup"])
+        .args([
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--readiness-addr", "127.0.0.1:0", "--access-log", "off"])
+        .args(["--admin-addr", &admin.to_string()])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(v) = nodeway_tests::ebpf_mesh::http_get(admin, "/redirect") {
+            break serde_json::from_str::<Value>(&v).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "proxy did not serve its admin API"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status["mode"], "failed", "{status}");
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(
+            "eBPF redirect: opening cgroup /nonexistent/cgroup failed: No such file or directory"
+        ),
+        "{error}"
+    );
+    assert!(error.contains("how to fix: pass --cgroup"), "{error}");
+    assert!(stderr.contains("serving without eBPF redirect"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
