@@ -251,6 +251,9 @@ fn retries_and_timeouts_hold_through_the_redirect() {
 }
 
 fn echo_check(sockmap: bool) {
+    if sockmap {
+        std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enable bpf stats");
+    }
     let mesh = start(MeshOptions {
         sockmap,
         ..MeshOptions::default()
@@ -279,6 +282,20 @@ fn echo_check(sockmap: bool) {
     // Every one went through the proxy.
     let lines = mesh.wait_log_lines(204, Duration::from_secs(10));
     assert_eq!(outbound_lines(&lines).len(), 204);
+    // The socket map really carried the bytes: sk_msg ran (run counts need
+    // kernel.bpf_stats_enabled, switched on for this check).
+    let sk_msg = mesh.redirect_status().unwrap()["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "nodeway_sk_msg")
+        .and_then(|p| p["id"].as_u64());
+    assert_eq!(sk_msg.is_some(), sockmap);
+    if let Some(id) = sk_msg {
+        let (_, json) = bpftool(&["-j", "prog", "show", "id", &id.to_string()]);
+        let info: Value = serde_json::from_str(&json).unwrap();
+        assert!(info["run_cnt"].as_u64().unwrap_or(0) > 0, "sk_msg never ran: {info}");
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nodeway_ebpf_common::{ENROLLED_IPV6, INBOUND_PORT, OUTBOUND_PORT};
@@ -137,7 +137,7 @@ impl Enroller {
         *self.published.lock().expect("enrolled lock") = published;
     }
 
-    fn enroll(&self, workload: &Arc<Workload>, netns_path: &PathBuf) -> Result<PodEntry, String> {
+    fn enroll(&self, workload: &Arc<Workload>, netns_path: &Path) -> Result<PodEntry, String> {
         let netns =
             Netns::open(netns_path).map_err(|e| format!("opening the network namespace: {e}"))?;
         let outbound_addr = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
@@ -187,7 +187,7 @@ impl Enroller {
             pod,
         ));
         Ok(PodEntry {
-            netns_path: netns_path.clone(),
+            netns_path: netns_path.to_path_buf(),
             enrolled,
             stop,
         })
