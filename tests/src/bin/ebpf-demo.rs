@@ -364,20 +364,17 @@ impl Demo {
         let failed: Vec<&Reply> = replies.iter().filter(|r| r.status != 200).collect();
         let text = match line {
             Some(l) if problems.is_empty() => format!(
-                "sleep → {VIP} went through Nodeway (original destination {}, {}, served by {}); \
-                 bystander went direct: 3 requests, no Nodeway line{}",
-                field(l, "downstream_local_address").unwrap_or("?"),
-                CLUSTER,
+                "sleep → http://{VIP}/ went through Nodeway: {CLUSTER} → {}; \
+                 the bystander (not enrolled) went direct: no Nodeway line{}",
                 pod_name(field(l, "upstream_host").unwrap_or("")),
-                if failed.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        ", {} got {} from {} (no retries outside the mesh)",
+                match failed.first() {
+                    None => String::new(),
+                    Some(f) => format!(
+                        ", {} of 3 got {}'s {} (nobody retries outside the mesh)",
                         failed.len(),
-                        failed[0].status,
-                        failed[0].served_by
-                    )
+                        f.served_by,
+                        f.status
+                    ),
                 }
             ),
             _ => problems.join("; "),
@@ -414,9 +411,9 @@ impl Demo {
             name: "retries",
             ok,
             text: format!(
-                "{ok_replies}/{N} succeeded although {faulty} answers 503; {retried} needed a retry \
-                 (access log upstream_request_attempt_count > 1, envoy_cluster_upstream_rq_retry_total +{retry_metric}), \
-                 {urx} ran out (URX)"
+                "{ok_replies}/{N} succeeded although {faulty} answers 503: {retried} were retried \
+                 (upstream_request_attempt_count > 1; envoy_cluster_upstream_rq_retry_total +{retry_metric}), \
+                 {urx} ran out of attempts (URX)"
             ),
         })
     }
@@ -470,10 +467,14 @@ impl Demo {
             && retried as u64 >= CONSECUTIVE_5XX
             && clean_after >= N / 2;
         let mut text = format!(
-            "{faulty} ejected after {retried} 503s, each retried elsewhere ({ok_replies}/{N} succeeded; \
-             envoy_cluster_outlier_detection_ejections_enforced_total={enforced}, /endpoints: ejected={}); \
-             the last {clean_after} requests went straight to a healthy backend",
-            ejected.get(faulty).copied().unwrap_or(false)
+            "{faulty} ejected after {retried} consecutive 503s, each retried elsewhere \
+             (envoy_cluster_outlier_detection_ejections_enforced_total={enforced}, /endpoints: {}); \
+             {ok_replies}/{N} succeeded, the last {clean_after} at the first attempt",
+            if ejected.get(faulty) == Some(&true) {
+                "FAILED"
+            } else {
+                "not ejected"
+            }
         );
         // Fix the backend: it comes back after its ejection time.
         self.restart_backend(FAULTY, 0.0)?;
@@ -494,7 +495,7 @@ impl Demo {
         }
         let _ = write!(
             text,
-            "; restarted healthy, it was back after {:.1} s (baseEjectionTime {BASE_EJECTION_SECS}s)",
+            "; restarted healthy, back in {:.1} s (baseEjectionTime {BASE_EJECTION_SECS}s)",
             start.elapsed().as_secs_f64()
         );
         Ok(Check {
@@ -516,7 +517,7 @@ impl Demo {
             name: "locality",
             ok: zone_a == N,
             text: format!(
-                "all healthy: {zone_a}/{N} served in the client's zone-a ({}), none by {} in zone-b",
+                "client in zone-a: {zone_a}/{N} served in zone-a ({}) while {} in zone-b is healthy too",
                 counts(replies.iter().map(|r| r.served_by.as_str())),
                 BACKENDS[FAULTY].0
             ),
@@ -552,7 +553,7 @@ impl Demo {
             name: "failover",
             ok: detected && by_c == N && direct == N,
             text: format!(
-                "zone-a down ({a}, {b} stopped): both ejected after {} requests ({lost} failed meanwhile), \
+                "zone-a down ({a}, {b} stopped) → both ejected within {} requests ({lost} failed meanwhile); \
                  then {by_c}/{N} served by {c} in zone-b, {direct} at the first attempt",
                 during.len()
             ),
