@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action},
+    bindings::{bpf_sock_addr, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
@@ -64,6 +64,32 @@ fn is_loopback_v4(ip_be: u32) -> bool {
     ip_be.to_ne_bytes()[0] == 127
 }
 
+/// The enrolment of the connecting socket's namespace, when this connect is
+/// a TCP connect of an enrolled pod (and not one of the proxy's own sockets).
+fn enrolled_tcp_connect(ctx: &SockAddrContext, addr: &bpf_sock_addr) -> Option<EnrolledNetns> {
+    if addr.protocol != IPPROTO_TCP || addr.type_ != SOCK_STREAM {
+        return None;
+    }
+    // SAFETY: `sk` is always set for connect hooks; the verifier checks the read.
+    let mark = unsafe { (*addr.__bindgen_anon_1.sk).mark };
+    if mark == PROXY_MARK {
+        return None;
+    }
+    // SAFETY: ctx is the program's context pointer.
+    enrolled(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
+}
+
+/// Remembers where the socket was going, by socket cookie. On failure (map
+/// full) the caller does not redirect: the proxy could not route it.
+fn record_orig(ctx: &SockAddrContext, orig: &OrigDst) -> Result<(), i64> {
+    // SAFETY: ctx is the program's context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ORIG_BY_COOKIE.insert(&cookie, orig, 0).map_err(|err| {
+        warn!(ctx, "nodeway connect: cannot record original destination ({}); not redirecting", err);
+        i64::from(err)
+    })
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn nodeway_connect4(ctx: SockAddrContext) -> i32 {
     let _ = try_connect4(&ctx);
@@ -73,21 +99,8 @@ pub fn nodeway_connect4(ctx: SockAddrContext) -> i32 {
 fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let addr = unsafe { &mut *ctx.sock_addr };
-    if addr.protocol != IPPROTO_TCP || addr.type_ != SOCK_STREAM {
-        return Ok(());
-    }
     let dst_ip = addr.user_ip4;
-    if is_loopback_v4(dst_ip) {
-        return Ok(());
-    }
-    // SAFETY: `sk` is always set for connect hooks; the verifier checks the read.
-    let mark = unsafe { (*addr.__bindgen_anon_1.sk).mark };
-    if mark == PROXY_MARK {
-        return Ok(());
-    }
-    // SAFETY: ctx is the program's context pointer.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if enrolled(netns).is_none() {
+    if is_loopback_v4(dst_ip) || enrolled_tcp_connect(ctx, addr).is_none() {
         return Ok(());
     }
     let port = u16::from_be(addr.user_port as u16);
@@ -97,15 +110,10 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
         family: 4,
         _pad: 0,
     };
-    // SAFETY: ctx is the program's context pointer.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Err(err) = ORIG_BY_COOKIE.insert(&cookie, &orig, 0) {
-        warn!(ctx, "nodeway connect4: cannot record original destination ({}); not redirecting", err);
-        return Err(i64::from(err));
-    }
+    record_orig(ctx, &orig)?;
     addr.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
     addr.user_port = u32::from(OUTBOUND_PORT.to_be());
-    debug!(ctx, "nodeway connect4: redirected port {} in netns {}", port, netns);
+    debug!(ctx, "nodeway connect4: redirected a connect to port {}", port);
     Ok(())
 }
 
@@ -118,33 +126,13 @@ pub fn nodeway_connect6(ctx: SockAddrContext) -> i32 {
 fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let addr = unsafe { &mut *ctx.sock_addr };
-    if addr.protocol != IPPROTO_TCP || addr.type_ != SOCK_STREAM {
-        return Ok(());
-    }
-    let words = addr.user_ip6;
-    let mut bytes = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let w = words[i].to_ne_bytes();
-        bytes[i * 4] = w[0];
-        bytes[i * 4 + 1] = w[1];
-        bytes[i * 4 + 2] = w[2];
-        bytes[i * 4 + 3] = w[3];
-        i += 1;
-    }
+    let bytes = words_to_bytes(addr.user_ip6);
     let v4_mapped_prefix = bytes[..10].iter().all(|b| *b == 0) && bytes[10] == 0xff && bytes[11] == 0xff;
     let loopback6 = bytes[..15].iter().all(|b| *b == 0) && bytes[15] == 1;
     if loopback6 || (v4_mapped_prefix && bytes[12] == 127) {
         return Ok(());
     }
-    // SAFETY: `sk` is always set for connect hooks; the verifier checks the read.
-    let mark = unsafe { (*addr.__bindgen_anon_1.sk).mark };
-    if mark == PROXY_MARK {
-        return Ok(());
-    }
-    // SAFETY: ctx is the program's context pointer.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(enrolment) = enrolled(netns) else {
+    let Some(enrolment) = enrolled_tcp_connect(ctx, addr) else {
         return Ok(());
     };
     // v4-mapped destinations travel as IPv4 and can reach the IPv4 listener;
@@ -152,16 +140,13 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
     if !v4_mapped_prefix && enrolment.flags & ENROLLED_IPV6 == 0 {
         return Ok(());
     }
-    let port = u16::from_be(addr.user_port as u16);
     let orig = OrigDst {
         addr: bytes,
-        port,
+        port: u16::from_be(addr.user_port as u16),
         family: if v4_mapped_prefix { 4 } else { 6 },
         _pad: 0,
     };
-    // SAFETY: ctx is the program's context pointer.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIG_BY_COOKIE.insert(&cookie, &orig, 0).map_err(i64::from)?;
+    record_orig(ctx, &orig)?;
     if v4_mapped_prefix {
         addr.user_ip6 = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([127, 0, 0, 1])];
     } else {

@@ -56,7 +56,8 @@ fn status_of(v: &Value) -> u64 {
 }
 
 /// Inbound capture is L4: its line is written when the connection closes,
-/// so upstream connections are not kept alive here.
+/// so upstream connections are not kept alive here. Round robin makes the
+/// three requests reach each backend once.
 const ONE_REQUEST_PER_CONNECTION: &str = "apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata:
@@ -65,11 +66,21 @@ metadata:
 spec:
   host: mock-server
   trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
     connectionPool:
       http:
         maxRequestsPerConnection: 1
 ---
 ";
+
+/// Backends on this proxy's node (node-a): only their inbound is captured
+/// here; mock-server-c's node would capture its own.
+fn on_this_node(addr: &str) -> bool {
+    BACKENDS
+        .iter()
+        .any(|(_, ip, node, _)| *node == "node-a" && addr == format!("{ip}:8080"))
+}
 
 #[test]
 fn enrolled_pod_is_redirected_and_bystander_goes_direct() {
@@ -77,64 +88,91 @@ fn enrolled_pod_is_redirected_and_bystander_goes_direct() {
         extra_yaml: ONE_REQUEST_PER_CONNECTION.into(),
         ..MeshOptions::default()
     });
-    let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/status/200")]);
-    assert_eq!(status_of(&reply), 200, "{reply}\n{}", mesh.proxy_stderr());
+    for _ in 0..3 {
+        let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/status/200")]);
+        assert_eq!(status_of(&reply), 200, "{reply}\n{}", mesh.proxy_stderr());
+    }
 
-    // Outbound on the client's side, inbound on the backend's: one each.
-    let lines = mesh.wait_log_lines(2, Duration::from_secs(5));
+    // Outbound lines on the client's side; inbound lines on the side of the
+    // two backends on this node.
+    let lines = mesh.wait_log_lines(5, Duration::from_secs(5));
     let out = outbound_lines(&lines);
     let inb = inbound_lines(&lines);
-    assert_eq!(out.len(), 1, "{lines:#?}");
-    assert_eq!(inb.len(), 1, "{lines:#?}");
-    let out = out[0];
-    assert_eq!(field(out, "source_workload"), Some("sleep"));
-    assert_eq!(field(out, "source_namespace"), Some("shop"));
-    assert_eq!(out["response_code"], "200");
-    // The original destination the app dialled, recovered from the eBPF map.
-    assert_eq!(
-        field(out, "downstream_local_address"),
-        Some(&*VIP.to_string())
-    );
-    // The proxy dialled from inside the pod: the pod's own source address.
-    let upstream_local = field(out, "upstream_local_address").expect("upstream_local_address");
-    assert!(
-        upstream_local.starts_with(&format!("{CLIENT_IP}:")),
-        "{out:?}"
-    );
-    let upstream_host = field(out, "upstream_host").expect("upstream_host");
-    assert!(
-        BACKENDS
-            .iter()
-            .any(|(_, ip, _, _)| upstream_host == format!("{ip}:8080")),
-        "{out:?}"
-    );
-    // The backend pod's inbound capture saw the client pod's address, and
-    // forwarded to the app on the address the client was going to.
-    let inb = inb[0];
-    assert_eq!(field(inb, "source_workload"), Some("sleep"));
-    assert!(
-        field(inb, "downstream_remote_address")
-            .is_some_and(|a| a.starts_with(&format!("{CLIENT_IP}:"))),
-        "{inb:?}"
-    );
-    assert_eq!(field(inb, "downstream_local_address"), Some(upstream_host));
-    assert!(
-        field(inb, "upstream_local_address").is_some_and(|a| a.starts_with("127.0.0.6:")),
-        "{inb:?}"
-    );
+    assert_eq!(out.len(), 3, "{lines:#?}");
+    assert_eq!(inb.len(), 2, "{lines:#?}");
+    let mut hosts = Vec::new();
+    for out in &out {
+        assert_eq!(field(out, "source_workload"), Some("sleep"));
+        assert_eq!(field(out, "source_namespace"), Some("shop"));
+        assert_eq!(out["response_code"], "200");
+        // The original destination the app dialled, recovered from the eBPF map.
+        assert_eq!(
+            field(out, "downstream_local_address"),
+            Some(&*VIP.to_string())
+        );
+        // The proxy dialled from inside the pod: the pod's own source address.
+        let upstream_local = field(out, "upstream_local_address").expect("upstream_local_address");
+        assert!(
+            upstream_local.starts_with(&format!("{CLIENT_IP}:")),
+            "{out:?}"
+        );
+        hosts.push(
+            field(out, "upstream_host")
+                .expect("upstream_host")
+                .to_owned(),
+        );
+    }
+    hosts.sort();
+    let all: Vec<String> = BACKENDS
+        .iter()
+        .map(|(_, ip, _, _)| format!("{ip}:8080"))
+        .collect();
+    assert_eq!(hosts, all, "round robin reaches each backend once");
+    // Each captured connection: from the client pod's address, forwarded to
+    // the address it was going to, from 127.0.0.6.
+    for inb in &inb {
+        assert_eq!(field(inb, "source_workload"), Some("sleep"));
+        assert!(
+            field(inb, "downstream_remote_address")
+                .is_some_and(|a| a.starts_with(&format!("{CLIENT_IP}:"))),
+            "{inb:?}"
+        );
+        let dst = field(inb, "downstream_local_address").expect("downstream_local_address");
+        assert!(on_this_node(dst), "{inb:?}");
+        assert!(
+            field(inb, "upstream_local_address").is_some_and(|a| a.starts_with("127.0.0.6:")),
+            "{inb:?}"
+        );
+    }
 
-    // The bystander's identical request reaches a backend through the node's
-    // DNAT, with no outbound line (its backend-side inbound line only).
+    // The bystander's identical requests reach the backends through the
+    // node's DNAT (round robin), with no outbound line; the two backends on
+    // this node still capture them inbound.
     let before = mesh.log.lines().len();
-    let reply = mesh.pod_client(&pod_client(), BYSTANDER, &["http", &vip_url("/status/200")]);
-    assert_eq!(status_of(&reply), 200, "{reply}");
-    let lines = mesh.wait_log_lines(before + 1, Duration::from_secs(5));
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        let reply = mesh.pod_client(&pod_client(), BYSTANDER, &["http", &vip_url("/status/200")]);
+        assert_eq!(status_of(&reply), 200, "{reply}");
+        peers.push(
+            reply["headers"]["x-mock-peer"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        );
+    }
+    let lines = mesh.wait_log_lines(before + 2, Duration::from_secs(5));
     let new = &lines[before..];
     assert!(outbound_lines(new).is_empty(), "{new:#?}");
-    assert_eq!(inbound_lines(new).len(), 1, "{new:#?}");
-    assert_eq!(
-        field(inbound_lines(new)[0], "source_workload"),
-        Some("bystander")
+    assert_eq!(inbound_lines(new).len(), 2, "{new:#?}");
+    for inb in inbound_lines(new) {
+        assert_eq!(field(inb, "source_workload"), Some("bystander"));
+    }
+    // What the apps saw: the proxy's forward twice, the bystander itself once.
+    peers.sort();
+    assert!(peers[0].starts_with("10.244.0.6:"), "{peers:?}");
+    assert!(
+        peers[1].starts_with("127.0.0.6:") && peers[2].starts_with("127.0.0.6:"),
+        "{peers:?}"
     );
 }
 
@@ -199,6 +237,17 @@ fn http2_and_grpc_go_through_the_redirect() {
 }
 
 const RETRIES_AND_TIMEOUT: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: mock-server
+  namespace: shop
+spec:
+  host: mock-server
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata:
   name: mock-server
@@ -294,7 +343,10 @@ fn echo_check(sockmap: bool) {
     if let Some(id) = sk_msg {
         let (_, json) = bpftool(&["-j", "prog", "show", "id", &id.to_string()]);
         let info: Value = serde_json::from_str(&json).unwrap();
-        assert!(info["run_cnt"].as_u64().unwrap_or(0) > 0, "sk_msg never ran: {info}");
+        assert!(
+            info["run_cnt"].as_u64().unwrap_or(0) > 0,
+            "sk_msg never ran: {info}"
+        );
     }
 }
 

@@ -1,8 +1,14 @@
 //! `cargo xtask …`: project automation with nothing but std.
 //!
 //! - `setup`: installs what the project needs beyond the Rust toolchain (idempotent).
-//! - `demo [--once]`: builds, starts three mock upstreams and Nodeway with
-//!   `deploy/examples/local.yaml`, sends requests as the example client pod.
+//! - `demo [--once]` (root): builds, then runs `ebpf-demo` (tests/src/bin): a
+//!   one-node topology of pods in network namespaces, Nodeway with the eBPF
+//!   redirect, traffic showing redirect, retries, a timeout, an ejection and
+//!   locality failover, and a checked summary; without `--once` the mesh then
+//!   stays up (at most 10 minutes) until Enter or Ctrl-C.
+//! - `demo --loopback [--once]`: no root needed; starts three mock upstreams
+//!   and Nodeway with `deploy/examples/local.yaml`, sends requests as the
+//!   example client pod.
 //! - `test`: the whole test suite, as CI runs it.
 //! - `bench-scrape`: latency of proxied requests with and without a
 //!   `/metrics` scrape every 100 ms (release builds, loopback only).
@@ -17,11 +23,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
-        Some("demo") => demo(args.iter().any(|a| a == "--once")),
+        Some("demo") => demo(&args[1..]),
         Some("test") => setup().and_then(|_| test()),
         Some("bench-scrape") => bench_scrape(),
         _ => {
-            eprintln!("usage: cargo xtask <setup|demo [--once]|test|bench-scrape>");
+            eprintln!("usage: cargo xtask <setup|demo [--loopback] [--once]|test|bench-scrape>");
             return ExitCode::from(2);
         }
     };
@@ -141,7 +147,7 @@ fn test() -> Result {
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .current_dir(&root))?;
     // The README's main job must work as written.
-    demo(true)
+    run(&mut ebpf_demo(true)?)
 }
 
 struct KillOnDrop(Child);
@@ -161,7 +167,79 @@ const ENDPOINTS: [(&str, &str); 3] = [
 /// Source address of the example client pod `sleep`.
 const CLIENT_IP: &str = "127.0.1.5";
 
-fn demo(once: bool) -> Result {
+/// `cargo xtask demo [--loopback] [--once]`.
+fn demo(flags: &[String]) -> Result {
+    let mut once = false;
+    let mut loopback = false;
+    for flag in flags {
+        match flag.as_str() {
+            "--once" => once = true,
+            "--loopback" => loopback = true,
+            other => {
+                return Err(format!(
+                    "demo: unknown argument {other:?} (--loopback, --once)"
+                ));
+            }
+        }
+    }
+    if loopback {
+        return loopback_demo(once);
+    }
+    // The demo becomes `ebpf-demo`: Ctrl-C reaches it alone, and it tears
+    // the mesh down before exiting.
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = ebpf_demo(once)?;
+    eprintln!("+ {cmd:?}");
+    Err(format!("cannot run {cmd:?}: {}", cmd.exec()))
+}
+
+/// Effective uid 0 (from `/proc/self/status`).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1))
+        == Some("0")
+}
+
+/// The workspace's target directory (`CARGO_TARGET_DIR` if set).
+fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root().join(dir),
+        None => root().join("target"),
+    }
+}
+
+/// Builds Nodeway and the test binaries; returns the command running the
+/// eBPF demo (`ebpf-demo`, see tests/src/bin/ebpf-demo.rs) with them.
+fn ebpf_demo(once: bool) -> Result<Command> {
+    if !is_root() {
+        return Err(
+            "cargo xtask demo needs root (eBPF); use --loopback for the loopback demo".to_owned(),
+        );
+    }
+    run(Command::new("cargo")
+        .args(["build", "--quiet", "-p", "nodeway", "--bin", "nodeway"])
+        .args(["-p", "nodeway-tests", "--bins"])
+        .current_dir(root()))?;
+    let bin = target_dir().join("debug");
+    let mut cmd = Command::new(bin.join("ebpf-demo"));
+    cmd.arg("--nodeway")
+        .arg(bin.join("nodeway"))
+        .arg("--mock-upstream")
+        .arg(bin.join("mock-upstream"))
+        .arg("--pod-client")
+        .arg(bin.join("pod-client"));
+    if once {
+        cmd.arg("--once");
+    }
+    Ok(cmd)
+}
+
+/// The loopback demo (`demo --loopback`): no root, no eBPF; the client pod
+/// is a source address, requests go to the proxy with `curl -x`.
+fn loopback_demo(once: bool) -> Result {
     let root = root();
     run(Command::new("cargo")
         .args([

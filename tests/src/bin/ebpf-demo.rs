@@ -36,7 +36,8 @@ use nodeway_tests::ebpf_mesh::{
 use nodeway_tests::topology::{require_root, wait_for_stdout_line};
 use serde_json::Value;
 
-const USAGE: &str = "usage: ebpf-demo --nodeway PATH --mock-upstream PATH --pod-client PATH [--once]";
+const USAGE: &str =
+    "usage: ebpf-demo --nodeway PATH --mock-upstream PATH --pod-client PATH [--once]";
 
 /// How long the mesh stays up for a look after the summary (without `--once`).
 const KEEP_UP: Duration = Duration::from_secs(600);
@@ -44,8 +45,10 @@ const KEEP_UP: Duration = Duration::from_secs(600);
 const N: usize = 30;
 /// The faulty backend (index into [`BACKENDS`]): zone-b.
 const FAULTY: usize = 2;
-/// Its ejection time: short, so that it is back for the failover phase.
+/// Its ejection time: short, so that it is back for the failover part.
 const BASE_EJECTION_SECS: u64 = 5;
+/// Ejection time in the failover part (Istio's default).
+const FAILOVER_EJECTION_SECS: u64 = 30;
 const CONSECUTIVE_5XX: u64 = 3;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -86,10 +89,21 @@ fn parse_args() -> Result<Args> {
     }
 }
 
-/// The mesh's VirtualService (route timeout and retries) and
-/// DestinationRule (`outlier`: with outlier detection; `locality`: locality
-/// load balancing on, which Istio does only with outlier detection).
-fn istio_yaml(outlier: bool, locality: bool) -> String {
+/// The DestinationRule's traffic policy in each part of the demo.
+#[derive(Clone, Copy, PartialEq)]
+enum Policy {
+    /// Round robin, no outlier detection (so no locality either).
+    Plain,
+    /// Outlier detection, locality off, short ejection time (the ejected
+    /// backend is needed again for the failover part).
+    Ejection,
+    /// Outlier detection with locality load balancing (Istio's default when
+    /// outlier detection is set).
+    Locality,
+}
+
+/// The mesh's VirtualService (route timeout, retries) and DestinationRule.
+fn istio_yaml(policy: Policy) -> String {
     let mut y = format!(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: mock-server\n  \
          namespace: shop\nspec:\n  hosts:\n    - {SERVICE_FQDN}\n  http:\n    - name: default\n      \
@@ -99,23 +113,27 @@ fn istio_yaml(outlier: bool, locality: bool) -> String {
          namespace: shop\nspec:\n  host: {SERVICE_FQDN}\n  trafficPolicy:\n    loadBalancer:\n      \
          simple: ROUND_ROBIN\n"
     );
-    if outlier {
+    if policy != Policy::Plain {
+        let (locality, base) = match policy {
+            Policy::Locality => (true, FAILOVER_EJECTION_SECS),
+            _ => (false, BASE_EJECTION_SECS),
+        };
         let _ = write!(
             y,
             "      localityLbSetting:\n        enabled: {locality}\n    outlierDetection:\n      \
              consecutive5xxErrors: {CONSECUTIVE_5XX}\n      interval: 1s\n      \
-             baseEjectionTime: {BASE_EJECTION_SECS}s\n      maxEjectionPercent: 100\n"
+             baseEjectionTime: {base}s\n      maxEjectionPercent: 100\n"
         );
     }
     y.push_str("---\n");
     y
 }
 
-fn options(outlier: bool, locality: bool) -> MeshOptions {
+fn options(policy: Policy) -> MeshOptions {
     let mut fail_rates = [0.0; 3];
     fail_rates[FAULTY] = 1.0;
     MeshOptions {
-        extra_yaml: istio_yaml(outlier, locality),
+        extra_yaml: istio_yaml(policy),
         fail_rates,
         ..MeshOptions::default()
     }
@@ -160,10 +178,7 @@ fn pod_name(host: &str) -> &'static str {
 }
 
 fn zone_of(pod: &str) -> &'static str {
-    BACKENDS
-        .iter()
-        .find(|b| b.0 == pod)
-        .map_or("?", |b| b.3)
+    BACKENDS.iter().find(|b| b.0 == pod).map_or("?", |b| b.3)
 }
 
 fn attempts(e: &Entry) -> u64 {
@@ -214,9 +229,11 @@ impl Demo {
     fn get(&self, pod: &str, path: &str) -> Result<Reply> {
         interrupted()?;
         let url = format!("http://{VIP}{path}");
-        let raw = self
-            .mesh
-            .pod_client(&self.pod_client, pod, &["http", &url, "--timeout-secs", "10"]);
+        let raw = self.mesh.pod_client(
+            &self.pod_client,
+            pod,
+            &["http", &url, "--timeout-secs", "10"],
+        );
         let status = raw["status"].as_u64().unwrap_or(0);
         Ok(Reply {
             status,
@@ -356,7 +373,9 @@ impl Demo {
         std::thread::sleep(Duration::from_millis(300));
         let bystander_out = self.outbound_since(mark, 0).len();
         if bystander_out != 0 {
-            problems.push(format!("{bystander_out} outbound line(s) for the bystander"));
+            problems.push(format!(
+                "{bystander_out} outbound line(s) for the bystander"
+            ));
         }
         if replies.iter().any(|r| r.served_by == "-") {
             problems.push("a bystander request got no answer from a backend".into());
@@ -364,8 +383,9 @@ impl Demo {
         let failed: Vec<&Reply> = replies.iter().filter(|r| r.status != 200).collect();
         let text = match line {
             Some(l) if problems.is_empty() => format!(
-                "sleep → http://{VIP}/ went through Nodeway: {CLUSTER} → {}; \
+                "sleep → http://{}/ went through Nodeway: {CLUSTER} → {}; \
                  the bystander (not enrolled) went direct: no Nodeway line{}",
+                VIP.ip(),
                 pod_name(field(l, "upstream_host").unwrap_or("")),
                 match failed.first() {
                     None => String::new(),
@@ -387,7 +407,10 @@ impl Demo {
     }
 
     fn retries(&self) -> Result<Check> {
-        let before = metric(&self.mesh.metrics_text(), "envoy_cluster_upstream_rq_retry_total");
+        let before = metric(
+            &self.mesh.metrics_text(),
+            "envoy_cluster_upstream_rq_retry_total",
+        );
         let mark = self.mark();
         let replies = self.burst(N, "/status/200")?;
         let lines = self.outbound_since(mark, N);
@@ -397,8 +420,11 @@ impl Demo {
             .iter()
             .filter(|l| field(l, "response_flags").is_some_and(|f| f.contains("URX")))
             .count();
-        let retry_metric = metric(&self.mesh.metrics_text(), "envoy_cluster_upstream_rq_retry_total")
-            .saturating_sub(before);
+        let retry_metric = metric(
+            &self.mesh.metrics_text(),
+            "envoy_cluster_upstream_rq_retry_total",
+        )
+        .saturating_sub(before);
         let faulty = BACKENDS[FAULTY].0;
         let served_by_faulty = replies.iter().filter(|r| r.served_by == faulty).count();
         let ok = ok_replies == N
@@ -444,7 +470,7 @@ impl Demo {
     }
 
     fn ejection(&mut self) -> Result<Check> {
-        self.mesh.reconfigure(options(true, false));
+        self.mesh.reconfigure(options(Policy::Ejection));
         let mark = self.mark();
         let replies = self.burst(N, "/status/200")?;
         let lines = self.outbound_since(mark, N);
@@ -467,9 +493,9 @@ impl Demo {
             && retried as u64 >= CONSECUTIVE_5XX
             && clean_after >= N / 2;
         let mut text = format!(
-            "{faulty} ejected after {retried} consecutive 503s, each retried elsewhere \
-             (envoy_cluster_outlier_detection_ejections_enforced_total={enforced}, /endpoints: {}); \
-             {ok_replies}/{N} succeeded, the last {clean_after} at the first attempt",
+            "{faulty} ejected after {CONSECUTIVE_5XX} consecutive 503s ({retried} requests met it, \
+             each retried elsewhere; envoy_cluster_outlier_detection_ejections_enforced_total={enforced}, \
+             /endpoints: {}); {ok_replies}/{N} succeeded, the last {clean_after} at the first attempt",
             if ejected.get(faulty) == Some(&true) {
                 "FAILED"
             } else {
@@ -506,7 +532,7 @@ impl Demo {
     }
 
     fn failover(&mut self) -> Result<Vec<Check>> {
-        self.mesh.reconfigure(options(true, true));
+        self.mesh.reconfigure(options(Policy::Locality));
         // All healthy: the client (zone-a) stays in zone-a.
         let replies = self.burst(N, "/status/200")?;
         let zone_a = replies
@@ -553,7 +579,8 @@ impl Demo {
             name: "failover",
             ok: detected && by_c == N && direct == N,
             text: format!(
-                "zone-a down ({a}, {b} stopped) → both ejected within {} requests ({lost} failed meanwhile); \
+                "zone-a down ({a}, {b} stopped) → both ejected within {} requests \
+                 ({lost} failed while they were being detected); \
                  then {by_c}/{N} served by {c} in zone-b, {direct} at the first attempt",
                 during.len()
             ),
@@ -595,7 +622,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1).map(str::to_owned));
+    if euid.as_deref() != Some("0") {
+        eprintln!(
+            "ebpf-demo needs root (network namespaces, cgroups, eBPF); \
+             `cargo xtask demo --loopback` needs none"
+        );
+        return ExitCode::FAILURE;
+    }
     require_root();
+    // After Ctrl-C the pods' processes are gone and a step may panic: say
+    // so briefly (the mesh is torn down while the panic unwinds).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            eprintln!("ebpf-demo: interrupted");
+        } else {
+            default_hook(info);
+        }
+    }));
     let (tx, rx) = mpsc::channel();
     catch_signals(tx.clone());
     match run(&args, &rx, tx) {
@@ -608,15 +657,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args, rx: &mpsc::Receiver<&'static str>, tx: mpsc::Sender<&'static str>) -> Result<bool> {
-    let started = Instant::now();
-    println!("Nodeway eBPF demo — one node, pods in network namespaces, no sidecars");
-    println!(
-        "  starting: client pod sleep (node-a, zone-a), mock-server-a/-b (zone-a), mock-server-c (zone-b, answers 503), \
-         Nodeway --redirect ebpf …"
-    );
+fn flush() {
     let _ = std::io::stdout().flush();
-    let mesh = Mesh::start(&args.nodeway, &args.mock_upstream, options(false, false));
+}
+
+fn run(
+    args: &Args,
+    rx: &mpsc::Receiver<&'static str>,
+    tx: mpsc::Sender<&'static str>,
+) -> Result<bool> {
+    let started = Instant::now();
+    println!(
+        "Starting the mesh: pods sleep (client, node-a/zone-a), bystander (not enrolled), \
+         mock-server-a/-b (zone-a), mock-server-c (zone-b, answers 503); Nodeway --redirect ebpf"
+    );
+    flush();
+    let mesh = Mesh::start(&args.nodeway, &args.mock_upstream, options(Policy::Plain));
     let mut demo = Demo {
         mesh,
         nodeway: args.nodeway.clone(),
@@ -624,9 +680,24 @@ fn run(args: &Args, rx: &mpsc::Receiver<&'static str>, tx: mpsc::Sender<&'static
         pod_client: args.pod_client.clone(),
     };
     let mut checks = Vec::new();
-    for phase in ["redirect", "retries", "timeout", "ejection", "failover"] {
-        println!("  running: {phase} …");
-        let _ = std::io::stdout().flush();
+    for (phase, what) in [
+        (
+            "redirect",
+            "plain HTTP to the Service VIP from the client pod and the bystander",
+        ),
+        ("retries", "VirtualService retries: attempts 3, retryOn 5xx"),
+        ("timeout", "VirtualService timeout: 500ms"),
+        (
+            "ejection",
+            "DestinationRule outlierDetection: consecutive5xxErrors 3, baseEjectionTime 5s, maxEjectionPercent 100",
+        ),
+        (
+            "failover",
+            "DestinationRule localityLbSetting enabled (baseEjectionTime 30s), then zone-a down",
+        ),
+    ] {
+        println!("  {phase}: {what} …");
+        flush();
         match phase {
             "redirect" => checks.push(demo.redirect()?),
             "retries" => checks.push(demo.retries()?),
@@ -636,69 +707,87 @@ fn run(args: &Args, rx: &mpsc::Receiver<&'static str>, tx: mpsc::Sender<&'static
         }
     }
     let all_ok = checks.iter().all(|c| c.ok);
-    println!();
     println!(
-        "Nodeway eBPF demo — one node, pods in network namespaces, no sidecars ({:.0} s)",
+        "\nNodeway eBPF demo — one node, pods in network namespaces, no sidecars ({:.0} s)",
         started.elapsed().as_secs_f64()
     );
     for c in &checks {
         println!(
-            "  {:<9} {}  {}",
+            "  {} {:<9} {}",
+            if c.ok { "✔" } else { "✘" },
             c.name,
-            c.text,
-            if c.ok { "✔" } else { "✘" }
+            c.text
         );
     }
-    let admin = demo.mesh.admin;
+    let m = &demo.mesh;
+    let gone = if args.once { " (removed on exit)" } else { "" };
+    println!("  access log: {}{gone}", m.log.path().display());
+    println!("  metrics:    curl -s http://{}/metrics", m.metrics);
     println!(
-        "  access log: {}   metrics: curl http://{}/metrics   admin: {} endpoints --admin-addr {admin}",
-        demo.mesh.log.path().display(),
-        demo.mesh.metrics,
-        demo.nodeway.display()
+        "  admin:      {} endpoints --admin-addr {}",
+        args.nodeway.display(),
+        m.admin
     );
-    println!("  config: {}", demo.mesh.config.display());
+    println!("  config:     {}{gone}", m.config.display());
     if !all_ok {
-        println!("\nSome checks failed (✘). Nodeway's log:\n{}", tail(&demo.mesh.proxy_stderr(), 30));
+        let keep = std::env::temp_dir().join(format!("nodeway-demo-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&keep);
+        let _ = std::fs::copy(m.log.path(), keep.join("access.log"));
+        let _ = std::fs::copy(&m.config, keep.join("mesh.yaml"));
+        let _ = std::fs::write(keep.join("nodeway.stderr"), m.proxy_stderr());
+        println!(
+            "\nSome checks failed (✘); access log, config and Nodeway's log kept in {}",
+            keep.display()
+        );
     }
-    let _ = std::io::stdout().flush();
+    flush();
     if !args.once && !INTERRUPTED.load(Ordering::SeqCst) {
         keep_up(&demo, rx, tx);
     }
-    println!("cleaning up …");
+    println!("Tearing the mesh down …");
+    flush();
     drop(demo);
     Ok(all_ok)
 }
 
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// Keeps the mesh up until Enter, Ctrl-C or [`KEEP_UP`].
 fn keep_up(demo: &Demo, rx: &mpsc::Receiver<&'static str>, tx: mpsc::Sender<&'static str>) {
-    let client = demo.mesh.topo.pod(CLIENT);
+    let m = &demo.mesh;
+    let client = m.topo.pod(CLIENT);
+    let nodeway = demo.nodeway.display();
     println!(
-        "\nThe mesh stays up for {} minutes; press Enter or Ctrl-C to tear it down. Try:",
+        "\nThe mesh stays up (zone-a still down) for at most {} minutes: press Enter or Ctrl-C to \
+         tear it down. Meanwhile, as root:",
         KEEP_UP.as_secs() / 60
     );
     println!(
-        "  curl -s http://{}/metrics | grep -E 'outlier_detection_ejections|upstream_rq_retry|istio_requests_total'",
-        demo.mesh.metrics
+        "  curl -s http://{}/metrics | grep -E '^(envoy_cluster_outlier_detection_ejections|envoy_cluster_upstream_rq_retry|istio_requests_total)'",
+        m.metrics
     );
-    println!("  {} endpoints --admin-addr {}", demo.nodeway.display(), demo.mesh.admin);
-    println!("  {} stats --admin-addr {} --source {CLIENT}", demo.nodeway.display(), demo.mesh.admin);
-    println!("  tail -n 3 {}", demo.mesh.log.path().display());
-    println!("  # a request from the client pod (its cgroup and network namespace), redirected by eBPF:");
+    println!("  {nodeway} endpoints --admin-addr {}", m.admin);
     println!(
-        "  sh -c 'echo $$ > {}/cgroup.procs && exec nsenter --net={} curl -si http://{VIP}/status/200'",
-        client.cgroup.display(),
-        client.netns_path.display()
+        "  {nodeway} stats --admin-addr {} --source {CLIENT}",
+        m.admin
     );
-    let _ = std::io::stdout().flush();
+    println!("  tail -n 3 {}", m.log.path().display());
+    println!(
+        "  # a request from the client pod (its cgroup and network namespace), redirected by eBPF:"
+    );
+    println!(
+        "  sh -c 'echo $$ > {}/cgroup.procs && exec nsenter --net={} curl -si http://{}/status/200'",
+        client.cgroup.display(),
+        client.netns_path.display(),
+        VIP.ip()
+    );
+    flush();
     std::thread::spawn(move || {
         let mut line = String::new();
         // End of input (no terminal) does not end the wait.
-        if std::io::stdin().lock().read_line(&mut line).is_ok_and(|n| n > 0) {
+        if std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .is_ok_and(|n| n > 0)
+        {
             let _ = tx.send("enter");
         }
     });
