@@ -483,3 +483,68 @@ fn a_failed_ebpf_load_names_the_step_and_keeps_serving() {
     assert!(stderr.contains("serving without eBPF redirect"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_crashed_proxy_leaves_nothing_behind_and_a_restart_attaches_once() {
+    let mut mesh = start(MeshOptions::default());
+    let first = program_ids(&mesh);
+    // SIGKILL: no clean-up code runs; the kernel drops the links with the process.
+    let mut proxy = mesh.proxy.take().expect("proxy");
+    proxy.kill().unwrap();
+    proxy.wait().unwrap();
+    for id in &first {
+        let (found, out) = bpftool(&["prog", "show", "id", &id.to_string()]);
+        assert!(!found, "program {id} survived the crash: {out}");
+    }
+    // Pods work without the proxy: connects are no longer rewritten.
+    let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/status/200")]);
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    assert!(outbound_lines(&mesh.log.lines()).is_empty());
+
+    // A restart attaches one new set and redirects again.
+    mesh.start_proxy(&common::nodeway_bin());
+    let second = program_ids(&mesh);
+    assert_eq!(second.len(), first.len());
+    let (_, links) = bpftool(&["link", "show"]);
+    for id in &second[..3] {
+        assert_eq!(
+            links.matches(&format!("prog {id}\n")).count()
+                + links.matches(&format!("prog {id} ")).count(),
+            1,
+            "program {id} attached more than once: {links}"
+        );
+    }
+    let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/status/200")]);
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    mesh.wait_log_lines(1, Duration::from_secs(5));
+    assert_eq!(outbound_lines(&mesh.log.lines()).len(), 1);
+}
+
+#[test]
+fn connections_to_non_service_addresses_pass_through() {
+    let mesh = start(MeshOptions::default());
+    // A pod IP, not a Service: Istio's PassthroughCluster, from the pod's address.
+    let (_, ip, _, _) = BACKENDS[1];
+    let reply = mesh.pod_client(
+        &pod_client(),
+        CLIENT,
+        &["http", &format!("http://{ip}:8080/status/200")],
+    );
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    let lines = mesh.wait_log_lines(1, Duration::from_secs(5));
+    let pass: Vec<&Entry> = lines
+        .iter()
+        .filter(|e| field(e, "upstream_cluster") == Some("PassthroughCluster"))
+        .collect();
+    assert_eq!(pass.len(), 1, "{lines:#?}");
+    assert_eq!(field(pass[0], "source_workload"), Some("sleep"));
+    assert_eq!(
+        field(pass[0], "upstream_host"),
+        Some(&*format!("{ip}:8080"))
+    );
+    assert!(
+        field(pass[0], "upstream_local_address")
+            .is_some_and(|a| a.starts_with(&format!("{CLIENT_IP}:"))),
+        "{pass:?}"
+    );
+}
