@@ -181,6 +181,13 @@ fn enrolment_follows_the_namespace_label_without_restart() {
     let mut mesh = start(MeshOptions::default());
     let url = vip_url("/status/200");
     let outbound_count = |mesh: &Mesh| outbound_lines(&mesh.log.lines()).len();
+    let metric = |mesh: &Mesh, name: &str| {
+        mesh.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+    };
+    assert_eq!(metric(&mesh, "nodeway_redirect_attached"), Some(1));
+    assert_eq!(metric(&mesh, "nodeway_redirect_enrolled_pods"), Some(3));
 
     assert_eq!(
         status_of(&mesh.pod_client(&pod_client(), CLIENT, &["http", &url])),
@@ -200,6 +207,7 @@ fn enrolment_follows_the_namespace_label_without_restart() {
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(outbound_count(&mesh), 1, "{:#?}", mesh.log.lines());
+    assert_eq!(metric(&mesh, "nodeway_redirect_enrolled_pods"), Some(0));
 
     // Label it again: redirected again, same proxy process.
     mesh.reconfigure(MeshOptions::default());

@@ -823,6 +823,29 @@ impl Collector for NodewayCollector {
             single(enrolled),
             gauge,
         )?;
+        let (attached, enrolled_pods) = {
+            let redirect = self.status.redirect.lock().expect("status lock");
+            (
+                u64::from(redirect.mode == "ebpf"),
+                redirect.enrolled.len() as u64,
+            )
+        };
+        family(
+            enc,
+            "nodeway_redirect_attached",
+            "1 if the eBPF redirect programs are loaded and attached (--redirect ebpf), else 0.",
+            MetricType::Gauge,
+            single(attached),
+            gauge,
+        )?;
+        family(
+            enc,
+            "nodeway_redirect_enrolled_pods",
+            "Pods whose network namespace is in the eBPF enrolment map, with in-pod listeners open.",
+            MetricType::Gauge,
+            single(enrolled_pods),
+            gauge,
+        )?;
 
         let mut per_workload: BTreeMap<(Arc<str>, Arc<str>), (u64, u64)> = BTreeMap::new();
         for client in self.shared.clusters.clients() {
