@@ -556,3 +556,78 @@ fn connections_to_non_service_addresses_pass_through() {
         "{pass:?}"
     );
 }
+
+const EJECTION_AND_FAILOVER: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: mock-server
+  namespace: shop
+spec:
+  host: mock-server
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+      localityLbSetting:
+        enabled: true
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 60s
+      maxEjectionPercent: 100
+---
+";
+
+#[test]
+fn ejection_and_locality_failover_hold_through_the_redirect() {
+    // Both zone-a backends (the client's zone) fail; zone-b's works.
+    let mesh = start(MeshOptions {
+        extra_yaml: EJECTION_AND_FAILOVER.into(),
+        fail_rates: [1.0, 1.0, 0.0],
+        ..MeshOptions::default()
+    });
+    let mut served = Vec::new();
+    for _ in 0..8 {
+        let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/status/200")]);
+        served.push((
+            status_of(&reply),
+            reply["headers"]["x-served-by"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        ));
+    }
+    // Every request succeeds from zone-b: the first tries zone-a's two hosts
+    // (locality priority; Istio's default retries cover 503), ejecting each on
+    // its first 5xx; later ones go straight to zone-b.
+    assert!(
+        served
+            .iter()
+            .all(|(s, by)| *s == 200 && by == "mock-server-c"),
+        "{served:?}"
+    );
+    let lines = mesh.wait_log_lines(8, Duration::from_secs(5));
+    let attempts: Vec<&str> = outbound_lines(&lines)
+        .iter()
+        .map(|e| field(e, "upstream_request_attempt_count").unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        attempts,
+        ["3", "1", "1", "1", "1", "1", "1", "1"],
+        "{lines:#?}"
+    );
+    let endpoints = mesh
+        .admin_json("/endpoints?format=json")
+        .expect("/endpoints");
+    let text = endpoints.to_string();
+    assert!(
+        text.contains("10.244.0.11:8080") && text.contains("10.244.0.12:8080"),
+        "{text}"
+    );
+    let metrics = mesh.metrics_text();
+    let ejected = metrics
+        .lines()
+        .filter(|l| l.starts_with("envoy_cluster_outlier_detection_ejections_enforced_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert_eq!(ejected, 2.0, "{metrics}");
+}

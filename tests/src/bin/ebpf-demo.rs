@@ -383,8 +383,8 @@ impl Demo {
         let failed: Vec<&Reply> = replies.iter().filter(|r| r.status != 200).collect();
         let text = match line {
             Some(l) if problems.is_empty() => format!(
-                "sleep → http://{}/ went through Nodeway: {CLUSTER} → {}; \
-                 the bystander (not enrolled) went direct: no Nodeway line{}",
+                "sleep → http://{}/ went through Nodeway (original destination {VIP}, \
+                 {CLUSTER} → {}); the bystander (not enrolled) went direct: no Nodeway line{}",
                 VIP.ip(),
                 pod_name(field(l, "upstream_host").unwrap_or("")),
                 match failed.first() {
@@ -439,7 +439,12 @@ impl Demo {
             text: format!(
                 "{ok_replies}/{N} succeeded although {faulty} answers 503: {retried} were retried \
                  (upstream_request_attempt_count > 1; envoy_cluster_upstream_rq_retry_total +{retry_metric}), \
-                 {urx} ran out of attempts (URX)"
+                 {} ran out of attempts (URX)",
+                if urx == 0 {
+                    "none".to_owned()
+                } else {
+                    urx.to_string()
+                }
             ),
         })
     }
