@@ -146,7 +146,8 @@ fn test() -> Result {
     run(Command::new("cargo")
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .current_dir(&root))?;
-    // The README's main job must work as written.
+    // Both demos the README shows must work as written.
+    loopback_demo(true)?;
     run(&mut ebpf_demo(true)?)
 }
 
