@@ -134,6 +134,12 @@ fn enrolled_pod_is_redirected_and_bystander_goes_direct() {
                 .to_owned(),
         );
     }
+    // The programs' own log (aya-log) reaches the proxy's log.
+    let stderr = mesh.proxy_stderr();
+    assert!(
+        stderr.contains("nodeway connect4: redirected a connect to port 80"),
+        "{stderr}"
+    );
     hosts.sort();
     let all: Vec<String> = BACKENDS
         .iter()
