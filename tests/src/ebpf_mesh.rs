@@ -3,6 +3,7 @@
 //!
 //! Pods (node netns has no uplink; addresses exist only in the topology):
 //! - `sleep` 10.244.0.5, namespace `shop` (enrolled): the client.
+//! - `sleep-b` 10.244.0.7, namespace `shop` (enrolled): a second client.
 //! - `bystander` 10.244.0.6, namespace `plain` (not enrolled).
 //! - `mock-server-a`/`-b` 10.244.0.11/.12 (node-a, zone-a) and
 //!   `mock-server-c` 10.244.0.13 (node-b, zone-b), namespace `shop`, serving
@@ -26,6 +27,9 @@ use crate::topology::Topology;
 
 pub const CLIENT: &str = "sleep";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
+/// A second enrolled client, in the same namespace (per-client isolation).
+pub const CLIENT_B: &str = "sleep-b";
+pub const CLIENT_B_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
 pub const BYSTANDER: &str = "bystander";
 pub const BYSTANDER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 6);
 pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
@@ -127,6 +131,7 @@ pub fn config_yaml(topo: &Topology, opts: &MeshOptions) -> String {
         );
     };
     pod(CLIENT, "shop", "sleep", CLIENT_IP, "node-a");
+    pod(CLIENT_B, "shop", "sleep-b", CLIENT_B_IP, "node-a");
     pod(BYSTANDER, "plain", "bystander", BYSTANDER_IP, "node-a");
     for (name, ip, node, _) in BACKENDS {
         pod(name, "shop", "mock-server", ip, node);
@@ -160,6 +165,7 @@ impl Mesh {
     pub fn start(nodeway: &Path, mock_upstream: &Path, opts: MeshOptions) -> Mesh {
         let mut topo = Topology::new();
         topo.add_pod(CLIENT, CLIENT_IP);
+        topo.add_pod(CLIENT_B, CLIENT_B_IP);
         topo.add_pod(BYSTANDER, BYSTANDER_IP);
         let mut backends = Vec::new();
         for (i, (name, ip, _, _)) in BACKENDS.into_iter().enumerate() {
@@ -243,7 +249,7 @@ impl Mesh {
             });
         }
         self.proxy = Some(child);
-        let expected = if self.opts.shop_enrolled { 3 } else { 0 };
+        let expected = self.expected_enrolled();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.redirect_status()
@@ -263,6 +269,11 @@ impl Mesh {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Pods of namespace `shop` on node-a: the two clients and two backends.
+    fn expected_enrolled(&self) -> usize {
+        if self.opts.shop_enrolled { 4 } else { 0 }
     }
 
     pub fn proxy_stderr(&self) -> String {
@@ -293,7 +304,7 @@ impl Mesh {
             .unwrap_or(0);
         self.opts = opts;
         std::fs::write(&self.config, config_yaml(&self.topo, &self.opts)).expect("write config");
-        let expected = if self.opts.shop_enrolled { 3 } else { 0 };
+        let expected = self.expected_enrolled();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let generation = self

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nodeway_tests::access_log::{Entry, field};
 use nodeway_tests::ebpf_mesh::{
-    BACKENDS, BYSTANDER, CLIENT, CLIENT_IP, CLUSTER, Mesh, MeshOptions, VIP,
+    BACKENDS, BYSTANDER, CLIENT, CLIENT_B, CLIENT_IP, CLUSTER, Mesh, MeshOptions, VIP,
 };
 use nodeway_tests::topology::require_root;
 use serde_json::Value;
@@ -205,7 +205,7 @@ fn enrolment_follows_the_namespace_label_without_restart() {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
     };
     assert_eq!(metric(&mesh, "nodeway_redirect_attached"), Some(1));
-    assert_eq!(metric(&mesh, "nodeway_redirect_enrolled_pods"), Some(3));
+    assert_eq!(metric(&mesh, "nodeway_redirect_enrolled_pods"), Some(4));
 
     assert_eq!(
         status_of(&mesh.pod_client(&pod_client(), CLIENT, &["http", &url])),
@@ -648,4 +648,56 @@ fn ejection_and_locality_failover_hold_through_the_redirect() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>();
     assert_eq!(ejected, 2.0, "{metrics}");
+}
+
+const ONE_CONNECTION_ONE_PENDING: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: mock-server
+  namespace: shop
+spec:
+  host: mock-server
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+      http:
+        http1MaxPendingRequests: 1
+---
+";
+
+#[test]
+fn connection_limits_apply_per_client_pod_through_the_redirect() {
+    let mesh = start(MeshOptions {
+        extra_yaml: ONE_CONNECTION_ONE_PENDING.into(),
+        ..MeshOptions::default()
+    });
+    let slow = vip_url("/delay/1000");
+    // Three concurrent slow requests from `sleep`: one connection, one
+    // pending, one rejected (UO). `sleep-b` has limits of its own.
+    let mut children: Vec<_> = (0..3)
+        .map(|_| mesh.topo.spawn(CLIENT, pod_client(), &["http", &slow]))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    children.push(mesh.topo.spawn(CLIENT_B, pod_client(), &["http", &slow]));
+    let mut statuses: Vec<u64> = children
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let reply: Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}")).unwrap();
+            status_of(&reply)
+        })
+        .collect();
+    let b = statuses.pop().unwrap();
+    assert_eq!(b, 200, "sleep-b is not limited by sleep's pool");
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 503]);
+    let lines = wait_outbound(&mesh, 4);
+    let uo: Vec<&Entry> = outbound_lines(&lines)
+        .into_iter()
+        .filter(|e| field(e, "response_flags") == Some("UO"))
+        .collect();
+    assert_eq!(uo.len(), 1, "{lines:#?}");
+    assert_eq!(field(uo[0], "source_workload"), Some("sleep"));
 }
