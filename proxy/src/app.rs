@@ -1,8 +1,8 @@
 //! Starting, reloading and stopping the proxy: what `nodeway run` does.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
-use crate::config::{self, LoadOptions, Problem};
+use crate::config::kube::{KubeError, KubeOptions, KubeSource};
+use crate::config::{self, LoadOptions, Problem, Problems};
 use crate::proxy::{ProxySettings, Shared};
 use crate::redirect::OriginalDst;
 use crate::redirect::ebpf::{EbpfOptions, EbpfRedirect};
@@ -21,7 +22,11 @@ use crate::telemetry::access_log::{AccessLogTarget, AccessLogger};
 /// Everything `nodeway run` is told. Defaults are the CLI's.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    pub config: PathBuf,
+    /// The configuration file (`--config`); with `kubernetes` its objects are
+    /// added to the cluster's.
+    pub config: Option<PathBuf>,
+    /// `--kubernetes`: objects from the API server (watched).
+    pub kubernetes: Option<KubeOptions>,
     /// Where redirected pod connections arrive (default `127.0.0.1:15001`).
     pub outbound_addr: SocketAddr,
     /// Admin API, loopback by default (`127.0.0.1:15000`).
@@ -61,7 +66,8 @@ pub const DEFAULT_READINESS_ADDR: SocketAddr =
 impl RunOptions {
     pub fn new(config: PathBuf) -> Self {
         RunOptions {
-            config,
+            config: Some(config),
+            kubernetes: None,
             outbound_addr: SocketAddr::from(([127, 0, 0, 1], 15001)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
@@ -95,6 +101,10 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Kubernetes(#[from] KubeError),
+    #[error("no configuration source: give --config, --kubernetes, or both")]
+    NoSource,
 }
 
 pub fn render_problems(problems: &[Problem]) -> String {
@@ -106,13 +116,29 @@ pub fn render_problems(problems: &[Problem]) -> String {
 }
 
 /// Outcome of the latest configuration (re)load, for the admin API.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConfigStatus {
     /// Increases with every configuration installed (1 = the initial one).
     pub generation: AtomicU64,
     pub last_error: std::sync::Mutex<Option<String>>,
     /// What the eBPF data path is doing (admin `/redirect`).
     pub redirect: std::sync::Mutex<RedirectStatus>,
+    /// Whether the configuration source answers: the Kubernetes API server
+    /// (its latest request), or the file (its latest read). While it does
+    /// not, the last known configuration is served
+    /// (`nodeway_config_source_up`).
+    pub source_up: Arc<AtomicBool>,
+}
+
+impl Default for ConfigStatus {
+    fn default() -> Self {
+        ConfigStatus {
+            generation: AtomicU64::new(0),
+            last_error: std::sync::Mutex::default(),
+            redirect: std::sync::Mutex::default(),
+            source_up: Arc::new(AtomicBool::new(true)),
+        }
+    }
 }
 
 /// The eBPF data path as the admin API reports it.
@@ -175,17 +201,42 @@ impl Running {
 
 /// Loads the configuration, binds the listeners and starts serving.
 pub async fn start(
-    opts: RunOptions,
+    mut opts: RunOptions,
     original_dst: Arc<dyn OriginalDst>,
 ) -> Result<Running, StartError> {
+    if opts.node.is_none() {
+        opts.node = opts.kubernetes.as_ref().map(|k| k.node.clone());
+    }
     let mut load_opts = opts.load.clone();
     load_opts.node_name = opts.node.clone();
-    let loaded = load(&opts.config, &load_opts)?;
+    let status = Arc::new(ConfigStatus::default());
+    let (loaded, source) = match (&opts.kubernetes, &opts.config) {
+        (Some(kube), file) => {
+            let source = KubeSource::start(kube, status.source_up.clone()).await?;
+            if !source.wait_synced(kube.initial_sync_timeout).await {
+                tracing::warn!(
+                    timeout = ?kube.initial_sync_timeout,
+                    "not every kind could be listed from the Kubernetes API yet; starting with what is known and catching up as it arrives"
+                );
+            }
+            let mut kube_config = KubeConfig {
+                source,
+                file: file.clone().map(ExtraFile::new),
+                reported: Default::default(),
+                fingerprint: None,
+            };
+            let snapshot = kube_config
+                .rebuild(&load_opts, &status)
+                .expect("the first build is always new");
+            (snapshot, Some(kube_config))
+        }
+        (None, Some(path)) => (load(path, &load_opts)?, None),
+        (None, None) => return Err(StartError::NoSource),
+    };
     let logger = AccessLogger::start(&opts.access_log).map_err(|source| StartError::AccessLog {
         path: format!("{:?}", opts.access_log),
         source,
     })?;
-    let status = Arc::new(ConfigStatus::default());
     status.generation.store(1, Ordering::Relaxed);
     let ebpf = match &opts.redirect {
         None => {
@@ -294,7 +345,14 @@ pub async fn start(
             );
             enroller.reconcile(&shared.snapshot.load());
             status.redirect.lock().expect("status lock").enrolled = enroller.enrolled();
-            Some(Arc::new(Mutex::new(enroller)))
+            let enroller = Arc::new(Mutex::new(enroller));
+            tokio::spawn(rescan_pods(
+                enroller.clone(),
+                shared.clone(),
+                status.clone(),
+                shutdown.clone(),
+            ));
+            Some(enroller)
         }
         _ => None,
     };
@@ -311,16 +369,47 @@ pub async fn start(
         Arc::new(registry),
         shutdown.clone(),
     ));
-    tokio::spawn(watch_config(
-        opts.config.clone(),
-        load_opts,
-        opts.config_poll_interval,
-        shared.clone(),
-        status.clone(),
-        shutdown.clone(),
-        enroller.clone(),
-    ));
-    tracing::info!(%outbound_addr, %admin_addr, %metrics_addr, config = %opts.config.display(), "nodeway started");
+    let installer = Installer {
+        shared: shared.clone(),
+        status: status.clone(),
+        enroller: enroller.clone(),
+    };
+    match (source, &opts.config) {
+        (Some(kube_config), _) => {
+            let debounce = opts
+                .kubernetes
+                .as_ref()
+                .map(|k| k.debounce)
+                .unwrap_or_default();
+            tokio::spawn(kube_config.watch(
+                load_opts,
+                debounce,
+                opts.config_poll_interval,
+                installer,
+                shutdown.clone(),
+            ));
+        }
+        (None, Some(path)) => {
+            tokio::spawn(watch_config(
+                path.clone(),
+                load_opts,
+                opts.config_poll_interval,
+                installer,
+                shutdown.clone(),
+            ));
+        }
+        (None, None) => unreachable!("checked above"),
+    }
+    let config_source = match (&opts.kubernetes, &opts.config) {
+        (Some(_), Some(path)) => format!("kubernetes + {}", path.display()),
+        (Some(_), None) => "kubernetes".to_string(),
+        (None, path) => path
+            .as_deref()
+            .unwrap_or_else(|| Path::new("-"))
+            .display()
+            .to_string(),
+    };
+    tracing::info!(%outbound_addr, %admin_addr, %metrics_addr, config = %config_source, "nodeway started");
     Ok(Running {
         outbound_addr,
         admin_addr,
@@ -349,6 +438,34 @@ fn load(path: &std::path::Path, opts: &LoadOptions) -> Result<crate::state::Snap
     }
 }
 
+/// Pods start processes and restart sandboxes without a configuration
+/// change: look again every few seconds for namespaces found or replaced.
+async fn rescan_pods(
+    enroller: Arc<Mutex<Enroller>>,
+    shared: Arc<Shared>,
+    status: Arc<ConfigStatus>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let snapshot = shared.snapshot.load_full();
+        // The scan reads /proc: keep it off the runtime's worker threads.
+        let enroller = enroller.clone();
+        let enrolled = tokio::task::spawn_blocking(move || {
+            let mut enroller = enroller.lock().expect("enroller lock");
+            enroller.reconcile(&snapshot);
+            enroller.enrolled()
+        })
+        .await;
+        if let Ok(enrolled) = enrolled {
+            status.redirect.lock().expect("status lock").enrolled = enrolled;
+        }
+    }
+}
+
 /// Polls the file (robust to editors and ConfigMap symlink swaps, unlike
 /// inotify) and installs each new valid version; a bad one is logged and the
 /// last good configuration stays.
@@ -356,11 +473,10 @@ async fn watch_config(
     path: PathBuf,
     opts: LoadOptions,
     every: Duration,
-    shared: Arc<Shared>,
-    status: Arc<ConfigStatus>,
+    installer: Installer,
     shutdown: CancellationToken,
-    enroller: Option<Arc<Mutex<Enroller>>>,
 ) {
+    let status = installer.status.clone();
     let mut last = std::fs::read(&path).ok();
     loop {
         tokio::select! {
@@ -370,29 +486,199 @@ async fn watch_config(
         let current = match tokio::fs::read(&path).await {
             Ok(c) => c,
             Err(err) => {
-                tracing::warn!(path = %path.display(), %err, "cannot read config file; keeping the last good configuration");
+                if status.source_up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(path = %path.display(), %err, "cannot read config file; keeping the last good configuration");
+                }
                 continue;
             }
         };
+        status.source_up.store(true, Ordering::Relaxed);
         if last.as_deref() == Some(current.as_slice()) {
             continue;
         }
         last = Some(current);
         match load(&path, &opts) {
             Ok(snapshot) => {
-                shared.install(snapshot);
-                if let Some(enroller) = &enroller {
-                    let mut enroller = enroller.lock().expect("enroller lock");
-                    enroller.reconcile(&shared.snapshot.load());
-                    status.redirect.lock().expect("status lock").enrolled = enroller.enrolled();
-                }
-                let generation = status.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                let generation = installer.install(snapshot);
                 *status.last_error.lock().expect("status lock") = None;
                 tracing::info!(generation, "configuration reloaded");
             }
             Err(err) => {
                 tracing::error!("{err}\nkeeping the last good configuration");
                 *status.last_error.lock().expect("status lock") = Some(err.to_string());
+            }
+        }
+    }
+}
+
+/// What installing a new configuration touches.
+struct Installer {
+    shared: Arc<Shared>,
+    status: Arc<ConfigStatus>,
+    enroller: Option<Arc<Mutex<Enroller>>>,
+}
+
+impl Installer {
+    /// Installs `snapshot` for new requests (in-flight ones finish on theirs),
+    /// enrolls/unenrolls pods, and returns the new generation.
+    fn install(&self, snapshot: crate::state::Snapshot) -> u64 {
+        self.shared.install(snapshot);
+        if let Some(enroller) = &self.enroller {
+            let mut enroller = enroller.lock().expect("enroller lock");
+            enroller.reconcile(&self.shared.snapshot.load());
+            self.status.redirect.lock().expect("status lock").enrolled = enroller.enrolled();
+        }
+        self.status.generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Kubernetes mode: the watched objects, plus those of `--config` if given.
+struct KubeConfig {
+    source: KubeSource,
+    file: Option<ExtraFile>,
+    /// Problems already logged, so that each is logged once.
+    reported: std::collections::HashSet<String>,
+    /// Of the objects last built.
+    fingerprint: Option<u64>,
+}
+
+impl KubeConfig {
+    /// Builds a snapshot from the current objects, or `None` when nothing
+    /// changed since the last build. Objects with errors are left out (and
+    /// reported in the log and `last_reload_error`); the rest is used.
+    fn rebuild(
+        &mut self,
+        opts: &LoadOptions,
+        status: &ConfigStatus,
+    ) -> Option<crate::state::Snapshot> {
+        let mut assembled = self.source.assemble();
+        let mut fingerprint = assembled.fingerprint;
+        if let Some(file) = &self.file {
+            fingerprint = fingerprint.wrapping_mul(31).wrapping_add(file.hash);
+            if let Some(text) = &file.text {
+                let name = file.path.display().to_string();
+                config::parse_documents(
+                    &name,
+                    text,
+                    &mut assembled.objects,
+                    &mut assembled.problems,
+                );
+            }
+        }
+        if self.fingerprint == Some(fingerprint) {
+            return None;
+        }
+        self.fingerprint = Some(fingerprint);
+        let (snapshot, problems) = crate::state::build(&assembled.objects, opts);
+        let mut all = assembled.problems;
+        all.extend(problems);
+        self.report(&all, status);
+        Some(snapshot)
+    }
+
+    fn report(&mut self, problems: &Problems, status: &ConfigStatus) {
+        let mut now = std::collections::HashSet::new();
+        for (p, error) in problems
+            .errors
+            .iter()
+            .map(|p| (p, true))
+            .chain(problems.warnings.iter().map(|p| (p, false)))
+        {
+            let line = p.to_string();
+            if !self.reported.contains(&line) {
+                if error {
+                    tracing::error!("{line}; this object is skipped");
+                } else {
+                    tracing::warn!("{line}");
+                }
+            }
+            now.insert(line);
+        }
+        self.reported = now;
+        *status.last_error.lock().expect("status lock") = if problems.errors.is_empty() {
+            None
+        } else {
+            Some(format!(
+                "{} problem(s); the objects concerned are skipped, the rest is in use:\n{}",
+                problems.errors.len(),
+                render_problems(&problems.errors)
+            ))
+        };
+    }
+
+    /// Rebuilds after changes settle (`debounce`) and installs each new
+    /// configuration; the file, if any, is checked every `every`.
+    async fn watch(
+        mut self,
+        opts: LoadOptions,
+        debounce: Duration,
+        every: Duration,
+        installer: Installer,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.source.changed() => {}
+                _ = tokio::time::sleep(every), if self.file.is_some() => {
+                    if !self.file.as_mut().is_some_and(ExtraFile::refresh) {
+                        continue;
+                    }
+                }
+            }
+            // Let a burst of events (a rollout, a relist) settle into one generation.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(debounce) => {}
+            }
+            if let Some(snapshot) = self.rebuild(&opts, &installer.status) {
+                let generation = installer.install(snapshot);
+                tracing::info!(generation, "configuration updated from the Kubernetes API");
+            }
+        }
+    }
+}
+
+/// `--config` next to `--kubernetes`: its last readable content.
+struct ExtraFile {
+    path: PathBuf,
+    text: Option<String>,
+    hash: u64,
+    readable: bool,
+}
+
+impl ExtraFile {
+    fn new(path: PathBuf) -> ExtraFile {
+        let mut file = ExtraFile {
+            path,
+            text: None,
+            hash: 0,
+            readable: true,
+        };
+        file.refresh();
+        file
+    }
+
+    /// Reads the file again; `true` if its content changed. An unreadable
+    /// file keeps its last content.
+    fn refresh(&mut self) -> bool {
+        use std::hash::{Hash, Hasher};
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                text.hash(&mut h);
+                let hash = h.finish();
+                let changed = hash != self.hash;
+                self.hash = hash;
+                self.text = Some(text);
+                self.readable = true;
+                changed
+            }
+            Err(err) => {
+                if std::mem::replace(&mut self.readable, false) {
+                    tracing::warn!(path = %self.path.display(), %err, "cannot read config file; keeping its last content");
+                }
+                false
             }
         }
     }

@@ -109,8 +109,16 @@ enum OnOff {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Multi-document YAML of Kubernetes and Istio objects; reloaded on change.
+    /// With --kubernetes its objects are added to the cluster's.
+    #[arg(long, required_unless_present = "kubernetes")]
+    config: Option<PathBuf>,
+    /// Watch Namespaces, Nodes, Pods, Services, EndpointSlices and Istio
+    /// DestinationRules/VirtualServices on the Kubernetes API server (needs --node).
     #[arg(long)]
-    config: PathBuf,
+    kubernetes: bool,
+    /// Kubernetes API server URL [default: kubeconfig, else the pod's service account].
+    #[arg(long, env = "NODEWAY_KUBE_API")]
+    kube_api: Option<String>,
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound_addr: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15000")]
@@ -269,7 +277,19 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(err) = admin::logging::init(&args.log_level) {
         eprintln!("warning: logging not set up: {err}");
     }
-    let mut opts = RunOptions::new(args.config);
+    let mut opts = RunOptions::new(PathBuf::new());
+    opts.config = args.config;
+    if args.kubernetes {
+        let Some(node) = args.node.clone() else {
+            eprintln!(
+                "error: --kubernetes needs --node (or NODE_NAME): only this node's pods are clients"
+            );
+            return ExitCode::FAILURE;
+        };
+        let mut kube = nodeway::config::kube::KubeOptions::new(node);
+        kube.api_url = args.kube_api;
+        opts.kubernetes = Some(kube);
+    }
     opts.readiness = match args.readiness_addr {
         Some(addr) => app::Readiness::Required(addr),
         None => app::Readiness::Default(app::DEFAULT_READINESS_ADDR),

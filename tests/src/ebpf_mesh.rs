@@ -6,7 +6,8 @@
 //! - `sleep-b` 10.244.0.7, namespace `shop` (enrolled): a second client.
 //! - `bystander` 10.244.0.6, namespace `plain` (not enrolled).
 //! - `mock-server-a`/`-b` 10.244.0.11/.12 (node-a, zone-a) and
-//!   `mock-server-c` 10.244.0.13 (node-b, zone-b), namespace `shop`, serving
+//!   `mock-server-c` 10.244.0.13 (node-b, zone-b), namespace `shop` (labels
+//!   `version: v1` for a and b, `v2` for c), serving
 //!   `mock-upstream` on :8080. Service `mock-server.shop` is 10.96.0.10:80
 //!   (port `web`: protocol sniffed, so HTTP/1.1, HTTP/2 and gRPC all fit);
 //!   the node namespace DNATs it for pods that are not redirected.
@@ -67,7 +68,14 @@ pub struct MeshOptions {
     pub extra_yaml: String,
     /// `--fail-rate` of each backend (same order as [`BACKENDS`]).
     pub fail_rates: [f64; 3],
+    /// The client pod `sleep` has no `nodeway.io/netns` annotation, only a
+    /// UID; a "pause" process in a cgroup named `pod<UID>` (as the kubelet
+    /// names them) holds its namespace, and the proxy must find it.
+    pub discover_client: bool,
 }
+
+/// `metadata.uid` of the client pod when [`MeshOptions::discover_client`].
+pub const CLIENT_UID: &str = "6f1c2b9e-3d4a-4e5f-9a8b-7c6d5e4f3a2b";
 
 impl Default for MeshOptions {
     fn default() -> Self {
@@ -76,6 +84,7 @@ impl Default for MeshOptions {
             shop_enrolled: true,
             extra_yaml: String::new(),
             fail_rates: [0.0; 3],
+            discover_client: false,
         }
     }
 }
@@ -90,6 +99,8 @@ pub struct Mesh {
     pub metrics: SocketAddr,
     pub proxy: Option<Child>,
     proxy_stderr: PathBuf,
+    /// Long-lived processes holding pod namespaces (discovery by UID).
+    sandboxes: Vec<Child>,
     opts: MeshOptions,
 }
 
@@ -122,10 +133,21 @@ pub fn config_yaml(topo: &Topology, opts: &MeshOptions) -> String {
     }
     let mut pod = |name: &str, ns: &str, app: &str, ip: Ipv4Addr, node: &str| {
         let netns = topo.pod(name).netns_path.display().to_string();
+        // Subsets: mock-server-a/-b are `version: v1`, mock-server-c `v2`.
+        let version = match name {
+            "mock-server-c" => "\n    version: v2",
+            n if n.starts_with("mock-server") => "\n    version: v1",
+            _ => "",
+        };
+        let identity = if opts.discover_client && name == CLIENT {
+            format!("uid: {CLIENT_UID}")
+        } else {
+            format!("annotations:\n    nodeway.io/netns: {netns}")
+        };
         let _ = write!(
             y,
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  \
-             labels:\n    app: {app}\n  annotations:\n    nodeway.io/netns: {netns}\n\
+             labels:\n    app: {app}{version}\n  {identity}\n\
              spec:\n  nodeName: {node}\n  containers:\n    - name: main\n      image: test\n\
              status:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n    - ip: {ip}\n---\n"
         );
@@ -181,6 +203,18 @@ impl Mesh {
             backends.push(SocketAddrV4::new(ip, 8080));
         }
         topo.add_service_vip(VIP, &backends);
+        let mut sandboxes = Vec::new();
+        if opts.discover_client {
+            // The pod's sandbox: a long-lived process in its namespace, in
+            // a cgroup whose name carries the pod UID.
+            let cgroup = topo.add_cgroup(&format!("pod{CLIENT_UID}"));
+            let netns = format!("--net={}", topo.pod(CLIENT).netns_path.display());
+            sandboxes.push(topo.spawn_in_cgroup(
+                &cgroup,
+                "nsenter",
+                &[netns.as_str(), "--", "sleep", "600"],
+            ));
+        }
         let dir = std::env::temp_dir().join(format!("{}-mesh", topo.id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mesh temp dir");
@@ -195,6 +229,7 @@ impl Mesh {
             dir,
             config,
             proxy: None,
+            sandboxes,
             opts,
         };
         mesh.start_proxy(nodeway);
@@ -378,6 +413,10 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
+        for mut child in self.sandboxes.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         if let Some(mut child) = self.proxy.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod clients;
 pub mod ebpf_mesh;
+pub mod fake_apiserver;
 pub mod grpc;
 pub mod mock;
 pub mod topology;

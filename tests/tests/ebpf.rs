@@ -650,6 +650,9 @@ fn ejection_and_locality_failover_hold_through_the_redirect() {
     assert_eq!(ejected, 2.0, "{metrics}");
 }
 
+/// One endpoint (subset v2: mock-server-c), one connection, one pending
+/// request. (With several endpoints Envoy gives each endpoint its first
+/// connection even over `maxConnections`, so the queue would not fill.)
 const ONE_CONNECTION_ONE_PENDING: &str = "apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata:
@@ -663,6 +666,23 @@ spec:
         maxConnections: 1
       http:
         http1MaxPendingRequests: 1
+  subsets:
+    - name: v2
+      labels:
+        version: v2
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: mock-server
+  namespace: shop
+spec:
+  hosts: [mock-server]
+  http:
+    - route:
+        - destination:
+            host: mock-server
+            subset: v2
 ---
 ";
 
@@ -676,10 +696,20 @@ fn connection_limits_apply_per_client_pod_through_the_redirect() {
     // Three concurrent slow requests from `sleep`: one connection, one
     // pending, one rejected (UO). `sleep-b` has limits of its own.
     let mut children: Vec<_> = (0..3)
-        .map(|_| mesh.topo.spawn(CLIENT, pod_client(), &["http", &slow]))
+        .map(|_| {
+            mesh.topo.spawn(
+                CLIENT,
+                pod_client(),
+                &["http", &slow, "--timeout-secs", "30"],
+            )
+        })
         .collect();
     std::thread::sleep(Duration::from_millis(200));
-    children.push(mesh.topo.spawn(CLIENT_B, pod_client(), &["http", &slow]));
+    children.push(mesh.topo.spawn(
+        CLIENT_B,
+        pod_client(),
+        &["http", &slow, "--timeout-secs", "30"],
+    ));
     let mut statuses: Vec<u64> = children
         .into_iter()
         .map(|child| {
@@ -693,11 +723,46 @@ fn connection_limits_apply_per_client_pod_through_the_redirect() {
     assert_eq!(b, 200, "sleep-b is not limited by sleep's pool");
     statuses.sort();
     assert_eq!(statuses, [200, 200, 503]);
-    let lines = wait_outbound(&mesh, 4);
-    let uo: Vec<&Entry> = outbound_lines(&lines)
+    let subset = "outbound|80|v2|mock-server.shop.svc.cluster.local";
+    let lines = mesh.wait_log_lines(4, Duration::from_secs(5));
+    let out: Vec<&Entry> = lines
+        .iter()
+        .filter(|e| field(e, "upstream_cluster") == Some(subset))
+        .collect();
+    assert_eq!(out.len(), 4, "{lines:#?}");
+    let uo: Vec<&Entry> = out
         .into_iter()
         .filter(|e| field(e, "response_flags") == Some("UO"))
         .collect();
     assert_eq!(uo.len(), 1, "{lines:#?}");
     assert_eq!(field(uo[0], "source_workload"), Some("sleep"));
+}
+
+#[test]
+fn a_pod_without_annotation_is_found_by_its_uid() {
+    // As in Kubernetes mode: no netns annotation; the proxy scans /proc for a
+    // process in a cgroup named after the pod UID.
+    let mesh = start(MeshOptions {
+        discover_client: true,
+        ..MeshOptions::default()
+    });
+    let status = mesh.redirect_status().unwrap();
+    let client = status["enrolled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pod"] == "shop/sleep")
+        .cloned()
+        .unwrap_or_else(|| panic!("sleep not enrolled: {status}"));
+    let netns = client["netns"].as_str().unwrap();
+    assert!(
+        netns.starts_with("/proc/") && netns.ends_with("/ns/net"),
+        "{client}"
+    );
+    let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &vip_url("/status/200")]);
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    let lines = wait_outbound(&mesh, 1);
+    let out = outbound_lines(&lines);
+    assert_eq!(out.len(), 1, "{lines:#?}");
+    assert_eq!(field(out[0], "source_workload"), Some("sleep"));
 }

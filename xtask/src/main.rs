@@ -70,14 +70,16 @@ fn have(program: &str) -> bool {
 }
 
 /// Installs what is missing, idempotently: `curl` (demo), `cargo-nextest`
-/// (test runner), `nft` and `bpftool` (eBPF test topology and checks), and
-/// the eBPF toolchain: LLVM 22, nightly's `rust-src`, `bpf-linker`.
+/// (test runner), `nft` and `bpftool` (eBPF test topology and checks), the
+/// eBPF toolchain: LLVM 22, nightly's `rust-src`, `bpf-linker`, and for the
+/// `deploy/` checks `kubectl` (its `kustomize`) and `kubernetes-validate`.
 fn setup() -> Result {
     let mut packages = Vec::new();
     for (program, package) in [
         ("curl", "curl"),
         ("nft", "nftables"),
         ("bpftool", "bpftool"),
+        ("kubectl", "kubernetes-client"),
     ] {
         if !have(program) {
             packages.push(package);
@@ -90,6 +92,21 @@ fn setup() -> Result {
     }
     if !packages.is_empty() {
         apt_install(&packages)?;
+    }
+    // Offline schema validation of the manifests (tests/tests/deploy.rs);
+    // brings PyYAML and jsonschema, which those tests use too.
+    let validator = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "1.37.0");
+    if !validator {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "kubernetes-validate==1.37.0",
+        ]))?;
     }
     if !have("cargo-nextest") {
         run(Command::new("cargo").args(["install", "--locked", "cargo-nextest"]))?;

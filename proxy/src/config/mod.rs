@@ -12,6 +12,7 @@
 
 pub mod duration;
 pub mod istio;
+pub mod kube;
 mod parse;
 
 use std::fmt;

@@ -3,10 +3,14 @@
 //! namespace) the proxy opens in-pod listeners and adds the namespace to the
 //! eBPF enrolment map; when a pod leaves, it undoes both.
 //!
-//! In file mode a Pod names its network namespace with the annotation
-//! `nodeway.io/netns` (e.g. `/var/run/netns/NAME` or `/proc/PID/ns/net`).
+//! A Pod may name its network namespace with the annotation
+//! `nodeway.io/netns` (e.g. `/var/run/netns/NAME` or `/proc/PID/ns/net`);
+//! otherwise it is found from the pod's UID among the node's processes
+//! (`discover.rs`). Namespaces are compared by identity (nsfs inode), so a
+//! pod is re-enrolled only when its namespace really changed (a restarted
+//! sandbox), whichever path reached it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +19,7 @@ use nodeway_ebpf_common::{ENROLLED_IPV6, INBOUND_PORT, OUTBOUND_PORT};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::discover::{netns_identity, pod_netns};
 use super::ebpf::{EbpfRedirect, Enrolled};
 use super::netns::{Dialer, Netns};
 use crate::proxy::{ListenerPod, Shared, serve_inbound, serve_outbound};
@@ -22,6 +27,7 @@ use crate::state::{Snapshot, Workload};
 
 struct PodEntry {
     netns_path: PathBuf,
+    netns_id: (u64, u64),
     enrolled: Enrolled,
     /// Stops the pod's listeners (and drains their connections).
     stop: CancellationToken,
@@ -35,6 +41,9 @@ pub struct EnrolledPod {
     pub netns_cookie: u64,
 }
 
+/// A pod to enroll: its workload, namespace file and namespace identity.
+type Wanted<'a> = (&'a Arc<Workload>, PathBuf, (u64, u64));
+
 pub struct Enroller {
     ebpf: Arc<EbpfRedirect>,
     node: Option<String>,
@@ -44,6 +53,10 @@ pub struct Enroller {
     pods: HashMap<String, PodEntry>,
     /// Published copy for readers (admin API).
     published: Arc<std::sync::Mutex<Vec<EnrolledPod>>>,
+    /// Where processes are looked up by pod UID (`/proc`).
+    proc_root: PathBuf,
+    /// Pods last found without a namespace, to log each once.
+    waiting: HashSet<String>,
 }
 
 impl Enroller {
@@ -62,6 +75,8 @@ impl Enroller {
             tracker,
             pods: HashMap::new(),
             published: Arc::default(),
+            proc_root: PathBuf::from("/proc"),
+            waiting: HashSet::new(),
         }
     }
 
@@ -70,9 +85,11 @@ impl Enroller {
         self.published.lock().expect("enrolled lock").clone()
     }
 
-    /// The pods that should be enrolled under `snap`, by `namespace/name`.
-    fn wanted<'a>(&self, snap: &'a Snapshot) -> HashMap<String, (&'a Arc<Workload>, PathBuf)> {
-        let mut wanted = HashMap::new();
+    /// The pods that should be enrolled under `snap`, by `namespace/name`,
+    /// with their namespace file and its identity. Pods without an
+    /// annotation are looked up by UID in one scan of `/proc`.
+    fn wanted<'a>(&mut self, snap: &'a Snapshot) -> HashMap<String, Wanted<'a>> {
+        let mut candidates = Vec::new();
         for w in snap.pods_by_ip.values() {
             if !w.redirect_enabled {
                 continue;
@@ -82,14 +99,35 @@ impl Enroller {
             {
                 continue;
             }
-            let Some(netns) = &w.netns else {
-                continue;
-            };
-            wanted.insert(
-                format!("{}/{}", w.namespace, w.pod_name),
-                (w, netns.clone()),
-            );
+            candidates.push(w);
         }
+        let uids: HashSet<&str> = candidates
+            .iter()
+            .filter(|w| w.netns.is_none())
+            .filter_map(|w| w.uid.as_deref())
+            .collect();
+        let discovered = pod_netns(&self.proc_root, &uids);
+        let mut wanted = HashMap::new();
+        let mut waiting = HashSet::new();
+        for w in candidates {
+            let key = format!("{}/{}", w.namespace, w.pod_name);
+            let path = w
+                .netns
+                .clone()
+                .or_else(|| w.uid.as_deref().and_then(|u| discovered.get(u).cloned()));
+            match path.and_then(|p| netns_identity(&p).map(|id| (p, id))) {
+                Some((path, id)) => {
+                    wanted.insert(key, (w, path, id));
+                }
+                None => {
+                    if !self.waiting.contains(&key) {
+                        tracing::info!(pod = %key, "pod to enroll has no network namespace yet (no annotation, or no process found by its UID); retrying");
+                    }
+                    waiting.insert(key);
+                }
+            }
+        }
+        self.waiting = waiting;
         wanted
     }
 
@@ -100,7 +138,11 @@ impl Enroller {
         let gone: Vec<String> = self
             .pods
             .iter()
-            .filter(|(key, entry)| wanted.get(*key).is_none_or(|(_, p)| *p != entry.netns_path))
+            .filter(|(key, entry)| {
+                wanted
+                    .get(*key)
+                    .is_none_or(|(_, _, id)| *id != entry.netns_id)
+            })
             .map(|(key, _)| key.clone())
             .collect();
         for key in gone {
@@ -110,11 +152,11 @@ impl Enroller {
                 tracing::info!(pod = %key, "pod unenrolled: its new connections go direct");
             }
         }
-        for (key, (workload, netns_path)) in wanted {
+        for (key, (workload, netns_path, netns_id)) in wanted {
             if self.pods.contains_key(&key) {
                 continue;
             }
-            match self.enroll(workload, &netns_path) {
+            match self.enroll(workload, &netns_path, netns_id) {
                 Ok(entry) => {
                     tracing::info!(pod = %key, netns = %netns_path.display(), "pod enrolled");
                     self.pods.insert(key, entry);
@@ -137,7 +179,12 @@ impl Enroller {
         *self.published.lock().expect("enrolled lock") = published;
     }
 
-    fn enroll(&self, workload: &Arc<Workload>, netns_path: &Path) -> Result<PodEntry, String> {
+    fn enroll(
+        &self,
+        workload: &Arc<Workload>,
+        netns_path: &Path,
+        netns_id: (u64, u64),
+    ) -> Result<PodEntry, String> {
         let netns =
             Netns::open(netns_path).map_err(|e| format!("opening the network namespace: {e}"))?;
         let outbound_addr = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
@@ -188,6 +235,7 @@ impl Enroller {
         ));
         Ok(PodEntry {
             netns_path: netns_path.to_path_buf(),
+            netns_id,
             enrolled,
             stop,
         })

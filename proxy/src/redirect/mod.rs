@@ -5,6 +5,7 @@
 //! trait, so tests can supply destinations directly. `netns` opens sockets
 //! inside pods; `enroll` keeps the enrolled pods in step with the config.
 
+pub mod discover;
 pub mod ebpf;
 pub mod enroll;
 pub mod netns;

@@ -193,6 +193,24 @@ impl Budgets {
         })
     }
 
+    /// Envoy's exception to `maxConnections`: an endpoint with no connection
+    /// at all gets one even when the cluster's limit is reached, so requests
+    /// queued for it cannot wait forever. The node-wide caps still apply.
+    pub fn try_first_connection(&self) -> Option<Permit> {
+        self.take_three(
+            (&self.cluster.connections, u32::MAX),
+            (
+                &self.client.connections,
+                self.node.client_cap(self.node.max_connections),
+            ),
+            (&self.node.connections, self.node.max_connections),
+        )
+        .then(|| Permit {
+            budgets: self.clone(),
+            slot: Slot::Connection,
+        })
+    }
+
     /// A place in the pending queue.
     pub fn try_pending(&self, limits: &Limits) -> Option<Permit> {
         self.take_three(

@@ -228,6 +228,23 @@ pub struct EndpointPool {
     pub addr: SocketAddr,
     h1_idle: Mutex<Vec<IdleH1>>,
     h2: Mutex<Vec<Arc<H2Conn>>>,
+    /// Connections connecting or open (idle or busy), for Envoy's
+    /// first-connection rule.
+    open: AtomicU32,
+}
+
+/// A connection's place in the limits and in its endpoint's count; both are
+/// given back when the connection ends (or fails to open).
+pub struct ConnSlot {
+    _permit: Permit,
+    _open: OpenConn,
+}
+
+struct OpenConn(Arc<EndpointPool>);
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Result of one attempt that got response headers.
@@ -261,6 +278,7 @@ impl EndpointPool {
             addr,
             h1_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(Vec::new()),
+            open: AtomicU32::new(0),
         }
     }
 
@@ -302,7 +320,7 @@ impl EndpointPool {
                 UpstreamProtocol::Http1 => {}
             }
 
-            if let Some(permit) = env.budgets.try_connection(env.limits) {
+            if let Some(permit) = self.connection_slot(env) {
                 drop(pending.take());
                 return self
                     .connect_and_send(env, protocol, req, permit, upgrade, local)
@@ -325,6 +343,37 @@ impl EndpointPool {
             }
             capacity.await;
         }
+    }
+
+    /// Room for one more connection: within the limits, or (Envoy) the
+    /// first one to this endpoint even over the cluster's `maxConnections`,
+    /// counted as an overflow.
+    fn connection_slot(self: &Arc<Self>, env: &AttemptEnv<'_>) -> Option<ConnSlot> {
+        let permit = match env.budgets.try_connection(env.limits) {
+            Some(permit) => {
+                self.open.fetch_add(1, Ordering::AcqRel);
+                permit
+            }
+            None => {
+                self.open
+                    .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                    .ok()?;
+                match env.budgets.try_first_connection() {
+                    Some(permit) => {
+                        ClusterStats::inc(&env.stats.upstream_cx_overflow);
+                        permit
+                    }
+                    None => {
+                        self.open.fetch_sub(1, Ordering::AcqRel);
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(ConnSlot {
+            _permit: permit,
+            _open: OpenConn(self.clone()),
+        })
     }
 
     fn take_idle_h1(&self, env: &AttemptEnv<'_>) -> Option<IdleH1> {
@@ -405,7 +454,7 @@ impl EndpointPool {
         env: &AttemptEnv<'_>,
         protocol: UpstreamProtocol,
         req: http::Request<RequestBody>,
-        permit: Permit,
+        permit: ConnSlot,
         upgrade: bool,
         local: &mut Option<SocketAddr>,
     ) -> Result<Sent, SendFailure> {

@@ -484,6 +484,7 @@ fn build_pods<'o>(
             ips,
             node_name,
             redirect_enabled: namespace_enabled && !pod_disabled,
+            uid: pod.metadata.uid.clone().filter(|u| !u.is_empty()),
             netns: pod
                 .metadata
                 .annotations

@@ -68,6 +68,9 @@ pub struct Workload {
     pub locality: Locality,
     /// From the Pod's namespace label `nodeway.io/redirect` and its own label.
     pub redirect_enabled: bool,
+    /// `metadata.uid`: finds the pod's processes (and network namespace)
+    /// when no annotation names it.
+    pub uid: Option<String>,
     /// Network namespace file (annotation `nodeway.io/netns`, file mode).
     pub netns: Option<std::path::PathBuf>,
 }

@@ -806,6 +806,14 @@ impl Collector for NodewayCollector {
             single(u64::from(ok)),
             gauge,
         )?;
+        family(
+            enc,
+            "nodeway_config_source_up",
+            "1 if the configuration source answers (Kubernetes API server, or the config file is readable); 0 while the last known configuration is served without it.",
+            MetricType::Gauge,
+            single(u64::from(self.status.source_up.load(Ordering::Relaxed))),
+            gauge,
+        )?;
         let enrolled = {
             let snap = self.shared.snapshot.load();
             snap.pods_by_ip
