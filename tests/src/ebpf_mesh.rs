@@ -72,6 +72,24 @@ pub struct MeshOptions {
     /// UID; a "pause" process in a cgroup named `pod<UID>` (as the kubelet
     /// names them) holds its namespace, and the proxy must find it.
     pub discover_client: bool,
+    /// Kubernetes mode: the objects are served by an in-process fake API
+    /// server (`--kubernetes --kube-api`), every pod is found by its UID.
+    pub kubernetes: bool,
+}
+
+/// `metadata.uid` of a mesh pod (used when its namespace is found by UID).
+pub fn pod_uid(name: &str) -> String {
+    if name == CLIENT {
+        return CLIENT_UID.to_owned();
+    }
+    let n = name
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    format!("00000000-0000-4000-8000-{:012x}", n & 0xffff_ffff_ffff)
+}
+
+fn found_by_uid(opts: &MeshOptions, name: &str) -> bool {
+    opts.kubernetes || (opts.discover_client && name == CLIENT)
 }
 
 /// `metadata.uid` of the client pod when [`MeshOptions::discover_client`].
@@ -85,6 +103,7 @@ impl Default for MeshOptions {
             extra_yaml: String::new(),
             fail_rates: [0.0; 3],
             discover_client: false,
+            kubernetes: false,
         }
     }
 }
@@ -101,6 +120,11 @@ pub struct Mesh {
     proxy_stderr: PathBuf,
     /// Long-lived processes holding pod namespaces (discovery by UID).
     sandboxes: Vec<Child>,
+    /// Kubernetes mode: the fake API server and the runtime serving it.
+    kube: Option<(
+        tokio::runtime::Runtime,
+        crate::fake_apiserver::FakeApiServer,
+    )>,
     opts: MeshOptions,
 }
 
@@ -139,8 +163,8 @@ pub fn config_yaml(topo: &Topology, opts: &MeshOptions) -> String {
             n if n.starts_with("mock-server") => "\n    version: v1",
             _ => "",
         };
-        let identity = if opts.discover_client && name == CLIENT {
-            format!("uid: {CLIENT_UID}")
+        let identity = if found_by_uid(opts, name) {
+            format!("uid: {}", pod_uid(name))
         } else {
             format!("annotations:\n    nodeway.io/netns: {netns}")
         };
@@ -204,11 +228,12 @@ impl Mesh {
         }
         topo.add_service_vip(VIP, &backends);
         let mut sandboxes = Vec::new();
-        if opts.discover_client {
-            // The pod's sandbox: a long-lived process in its namespace, in
-            // a cgroup whose name carries the pod UID.
-            let cgroup = topo.add_cgroup(&format!("pod{CLIENT_UID}"));
-            let netns = format!("--net={}", topo.pod(CLIENT).netns_path.display());
+        // Pods found by UID get a "sandbox": a long-lived process in the
+        // pod's namespace, in a cgroup named `pod<UID>` as the kubelet names them.
+        let names: Vec<String> = topo.pods().iter().map(|p| p.name.clone()).collect();
+        for name in names.iter().filter(|n| found_by_uid(&opts, n)) {
+            let cgroup = topo.add_cgroup(&format!("pod{}", pod_uid(name)));
+            let netns = format!("--net={}", topo.pod(name).netns_path.display());
             sandboxes.push(topo.spawn_in_cgroup(
                 &cgroup,
                 "nsenter",
@@ -219,7 +244,18 @@ impl Mesh {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mesh temp dir");
         let config = dir.join("mesh.yaml");
-        std::fs::write(&config, config_yaml(&topo, &opts)).expect("write mesh config");
+        let yaml = config_yaml(&topo, &opts);
+        std::fs::write(&config, &yaml).expect("write mesh config");
+        let kube = opts.kubernetes.then(|| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime for the fake API server");
+            let server = rt.block_on(crate::fake_apiserver::FakeApiServer::start());
+            apply_yaml(&server, &yaml);
+            (rt, server)
+        });
         let mut mesh = Mesh {
             log: AccessLog::new(dir.join("access.log")),
             proxy_stderr: dir.join("nodeway.stderr"),
@@ -230,6 +266,7 @@ impl Mesh {
             config,
             proxy: None,
             sandboxes,
+            kube,
             opts,
         };
         mesh.start_proxy(nodeway);
@@ -245,31 +282,36 @@ impl Mesh {
             self.topo.add_cgroup("proxy")
         };
         let stderr = std::fs::File::create(&self.proxy_stderr).expect("proxy stderr file");
-        let args: Vec<String> = vec![
-            "run".into(),
-            "--config".into(),
-            self.config.display().to_string(),
-            "--redirect".into(),
-            "ebpf".into(),
-            "--sockmap".into(),
-            if self.opts.sockmap { "on" } else { "off" }.into(),
-            "--cgroup".into(),
-            self.topo.cgroup_dir().display().to_string(),
-            "--node".into(),
-            "node-a".into(),
-            "--outbound-addr".into(),
-            "127.0.0.1:0".into(),
-            "--admin-addr".into(),
-            self.admin.to_string(),
-            "--metrics-addr".into(),
-            self.metrics.to_string(),
-            "--readiness-addr".into(),
-            "127.0.0.1:0".into(),
-            "--access-log".into(),
-            self.log.path().display().to_string(),
-            "--log-level".into(),
-            "info,nodeway::ebpf=debug".into(),
-        ];
+        let source: Vec<String> = match &self.kube {
+            Some((_, server)) => vec!["--kubernetes".into(), "--kube-api".into(), server.url()],
+            None => vec!["--config".into(), self.config.display().to_string()],
+        };
+        let args: Vec<String> = ["run".to_owned()]
+            .into_iter()
+            .chain(source)
+            .chain([
+                "--redirect".into(),
+                "ebpf".into(),
+                "--sockmap".into(),
+                if self.opts.sockmap { "on" } else { "off" }.into(),
+                "--cgroup".into(),
+                self.topo.cgroup_dir().display().to_string(),
+                "--node".into(),
+                "node-a".into(),
+                "--outbound-addr".into(),
+                "127.0.0.1:0".into(),
+                "--admin-addr".into(),
+                self.admin.to_string(),
+                "--metrics-addr".into(),
+                self.metrics.to_string(),
+                "--readiness-addr".into(),
+                "127.0.0.1:0".into(),
+                "--access-log".into(),
+                self.log.path().display().to_string(),
+                "--log-level".into(),
+                "info,nodeway::ebpf=debug".into(),
+            ])
+            .collect();
         let mut child = self.topo.spawn_in_cgroup(&cgroup, nodeway, &args);
         // Keep the proxy's stderr in a file the tests can show on failure.
         if let Some(mut err) = child.stderr.take() {
@@ -338,7 +380,11 @@ impl Mesh {
             .and_then(|d| d["generation"].as_u64())
             .unwrap_or(0);
         self.opts = opts;
-        std::fs::write(&self.config, config_yaml(&self.topo, &self.opts)).expect("write config");
+        let yaml = config_yaml(&self.topo, &self.opts);
+        std::fs::write(&self.config, &yaml).expect("write config");
+        if let Some((_, server)) = &self.kube {
+            apply_yaml(server, &yaml);
+        }
         let expected = self.expected_enrolled();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -425,6 +471,18 @@ impl Drop for Mesh {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("mesh files kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// Serves every document of `yaml` from the fake API server (as a real API
+/// server would after `kubectl apply`).
+fn apply_yaml(server: &crate::fake_apiserver::FakeApiServer, yaml: &str) {
+    use serde::Deserialize;
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let value = Value::deserialize(doc).expect("mesh YAML");
+        if value.is_object() {
+            server.apply(value);
         }
     }
 }

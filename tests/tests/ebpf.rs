@@ -766,3 +766,62 @@ fn a_pod_without_annotation_is_found_by_its_uid() {
     assert_eq!(out.len(), 1, "{lines:#?}");
     assert_eq!(field(out[0], "source_workload"), Some("sleep"));
 }
+
+#[test]
+fn kubernetes_mode_enrolls_by_namespace_label_live() {
+    // The objects come from the (fake) API server, pods are found by UID,
+    // and a label change on the Namespace enrolls or unenrolls them live.
+    let mut mesh = start(MeshOptions {
+        kubernetes: true,
+        ..MeshOptions::default()
+    });
+    let status = mesh.redirect_status().unwrap();
+    let enrolled: Vec<&str> = status["enrolled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["pod"].as_str())
+        .collect();
+    assert_eq!(
+        enrolled,
+        [
+            "shop/mock-server-a",
+            "shop/mock-server-b",
+            "shop/sleep",
+            "shop/sleep-b"
+        ],
+        "{status}"
+    );
+    let url = vip_url("/status/200");
+    assert_eq!(
+        status_of(&mesh.pod_client(&pod_client(), CLIENT, &["http", &url])),
+        200
+    );
+    wait_outbound(&mesh, 1);
+    assert_eq!(outbound_lines(&mesh.log.lines()).len(), 1);
+
+    // `kubectl label namespace shop nodeway.io/redirect-`
+    mesh.reconfigure(MeshOptions {
+        kubernetes: true,
+        shop_enrolled: false,
+        ..MeshOptions::default()
+    });
+    assert_eq!(
+        status_of(&mesh.pod_client(&pod_client(), CLIENT, &["http", &url])),
+        200
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(outbound_lines(&mesh.log.lines()).len(), 1, "went direct");
+
+    // `kubectl label namespace shop nodeway.io/redirect=enabled`
+    mesh.reconfigure(MeshOptions {
+        kubernetes: true,
+        ..MeshOptions::default()
+    });
+    assert_eq!(
+        status_of(&mesh.pod_client(&pod_client(), CLIENT, &["http", &url])),
+        200
+    );
+    wait_outbound(&mesh, 2);
+    assert_eq!(outbound_lines(&mesh.log.lines()).len(), 2);
+}
