@@ -726,3 +726,58 @@ async fn max_requests_per_connection() {
         assert_eq!(stat(&s, "upstream_cx_total"), expected_connections);
     }
 }
+
+/// Envoy gives an endpoint with no connection at all its first one even when
+/// the cluster's `maxConnections` is reached (counted as `upstream_cx_overflow`),
+/// so a request queued for that endpoint does not wait for another endpoint's
+/// idle connection that will never be closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_endpoint_gets_a_first_connection_over_max_connections() {
+    let (m1, m2) = (mock("m1").await, mock("m2").await);
+    let dr = r#"---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mock, namespace: default}
+spec:
+  host: mock
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+"#;
+    let h = Harness::start(&with_extra(MeshConfig::new(vec![m1.addr(), m2.addr()]), dr)).await;
+    let addr = h.addr();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(async move {
+                request(
+                    Proto::Http1,
+                    addr,
+                    CLIENT_IP,
+                    AUTHORITY,
+                    "/delay/1000",
+                    Bytes::new(),
+                    Duration::from_secs(20),
+                )
+                .await
+            })
+        })
+        .collect();
+    for call in calls {
+        let out = call.await.unwrap();
+        assert_eq!(out.status, Some(200), "{out:?}");
+    }
+    // Side by side, not one after the other.
+    assert!(
+        started.elapsed() < Duration::from_millis(1800),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!((m1.connections(), m2.connections()), (1, 1));
+    let s = stats(&h, SLEEP_POD).await;
+    assert_eq!(stat(&s, "upstream_cx_total"), 2, "{s:#}");
+    assert_eq!(stat(&s, "upstream_cx_overflow"), 1, "{s:#}");
+    assert_eq!(stat(&s, "upstream_rq_pending_overflow"), 0, "{s:#}");
+}

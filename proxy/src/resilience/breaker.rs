@@ -179,26 +179,19 @@ impl Drop for Permit {
 impl Budgets {
     /// A new upstream connection: cluster `maxConnections`, the client's share, the node cap.
     pub fn try_connection(&self, limits: &Limits) -> Option<Permit> {
-        self.take_three(
-            (&self.cluster.connections, limits.max_connections),
-            (
-                &self.client.connections,
-                self.node.client_cap(self.node.max_connections),
-            ),
-            (&self.node.connections, self.node.max_connections),
-        )
-        .then(|| Permit {
-            budgets: self.clone(),
-            slot: Slot::Connection,
-        })
+        self.connection_under(limits.max_connections)
     }
 
     /// Envoy's exception to `maxConnections`: an endpoint with no connection
     /// at all gets one even when the cluster's limit is reached, so requests
     /// queued for it cannot wait forever. The node-wide caps still apply.
     pub fn try_first_connection(&self) -> Option<Permit> {
+        self.connection_under(u32::MAX)
+    }
+
+    fn connection_under(&self, cluster_limit: u32) -> Option<Permit> {
         self.take_three(
-            (&self.cluster.connections, u32::MAX),
+            (&self.cluster.connections, cluster_limit),
             (
                 &self.client.connections,
                 self.node.client_cap(self.node.max_connections),
