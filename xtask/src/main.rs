@@ -107,6 +107,10 @@ fn setup() -> Result {
             "--quiet",
             "kubernetes-validate==1.37.0",
         ]))?;
+        // Under pyenv a new console script needs a shim before it is on PATH.
+        if have("pyenv") {
+            run(Command::new("pyenv").arg("rehash"))?;
+        }
     }
     if !have("cargo-nextest") {
         run(Command::new("cargo").args(["install", "--locked", "cargo-nextest"]))?;
