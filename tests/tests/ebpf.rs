@@ -825,3 +825,33 @@ fn kubernetes_mode_enrolls_by_namespace_label_live() {
     wait_outbound(&mesh, 2);
     assert_eq!(outbound_lines(&mesh.log.lines()).len(), 2);
 }
+
+#[test]
+fn a_client_naming_the_proxys_own_ports_gets_no_loop() {
+    let mesh = start(MeshOptions::default());
+    // The pod's own inbound port, by its address: redirected to the outbound
+    // listener, whose passthrough would reach the inbound listener, whose
+    // forward would reach it again... The proxy refuses instead.
+    for url in [
+        format!("http://{CLIENT_IP}:15006/status/200"),
+        format!("http://{}:15001/status/200", BACKENDS[0].1),
+    ] {
+        let reply = mesh.pod_client(
+            &pod_client(),
+            CLIENT,
+            &["http", &url, "--timeout-secs", "5"],
+        );
+        assert!(reply["error"].is_string(), "{url}: {reply}");
+        assert!(
+            reply["elapsed_ms"].as_u64().unwrap() < 4000,
+            "{url}: {reply}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(mesh.log.lines().len() <= 2, "{:#?}", mesh.log.lines());
+    let stderr = mesh.proxy_stderr();
+    assert!(
+        stderr.contains("refusing a connection to the proxy's own in-pod port"),
+        "{stderr}"
+    );
+}

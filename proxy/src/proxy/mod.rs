@@ -234,10 +234,14 @@ async fn handle_connection(
 
     // A redirected connection to something that is not a Service goes where
     // it was going, as Istio's PassthroughCluster does.
-    if pod.is_some()
+    if let Some(pod) = &pod
         && let Some(dst) = ctx.orig_dst
         && ctx.vip_target.is_none()
     {
+        if is_self_call(dst) {
+            tracing::warn!(%dst, pod = %pod.workload.pod_name, "refusing a connection to the proxy's own in-pod port (it would loop)");
+            return;
+        }
         let mut entry = AccessLogEntry::new(
             SystemTime::now(),
             ctx.source_workload.clone(),
@@ -302,6 +306,12 @@ pub async fn serve_inbound(
         let Ok(dst) = stream.local_addr() else {
             continue;
         };
+        if is_self_call(dst) {
+            // The capture skips these ports; a connection here was dialled
+            // to the listener itself and forwarding it would loop.
+            tracing::warn!(%dst, %peer, "refusing an inbound connection to the proxy's own port");
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let snap = shared.snapshot.load();
         let (workload, namespace) = match snap.pods_by_ip.get(&peer.ip()) {
@@ -322,6 +332,14 @@ pub async fn serve_inbound(
             tcp::relay(stream, entry, dst, &pod.dialer, Some(forward_src), &shared).await;
         });
     }
+}
+
+/// A destination that is one of the proxy's in-pod listeners: forwarding
+/// there would come straight back (the eBPF hooks skip these ports, so only a
+/// client naming them itself gets here).
+fn is_self_call(dst: SocketAddr) -> bool {
+    use nodeway_ebpf_common::{INBOUND_PORT, OUTBOUND_PORT};
+    dst.port() == OUTBOUND_PORT || dst.port() == INBOUND_PORT
 }
 
 /// The hyper service answering every request of one downstream connection.
