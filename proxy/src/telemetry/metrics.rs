@@ -801,7 +801,7 @@ impl Collector for NodewayCollector {
         family(
             enc,
             "nodeway_config_last_reload_success",
-            "1 if the latest configuration (re)load succeeded, 0 if the last good one is kept after an error.",
+            "1 if the latest configuration (re)load succeeded; 0 if the last good one is kept after an error (file mode) or some objects are skipped as invalid (Kubernetes mode).",
             MetricType::Gauge,
             single(u64::from(ok)),
             gauge,
