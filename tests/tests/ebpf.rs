@@ -855,3 +855,21 @@ fn a_client_naming_the_proxys_own_ports_gets_no_loop() {
         "{stderr}"
     );
 }
+
+#[test]
+fn ipv6_sockets_to_v4_mapped_addresses_are_redirected_too() {
+    // An AF_INET6 socket dialling the VIP as ::ffff:10.96.0.10 goes through
+    // connect6, which redirects it to the IPv4 listener (v4-mapped).
+    let mesh = start(MeshOptions::default());
+    let url = format!("http://[::ffff:{}]:{}/status/200", VIP.ip(), VIP.port());
+    let reply = mesh.pod_client(&pod_client(), CLIENT, &["http", &url]);
+    assert_eq!(status_of(&reply), 200, "{reply}\n{}", mesh.proxy_stderr());
+    let lines = wait_outbound(&mesh, 1);
+    let out = outbound_lines(&lines);
+    assert_eq!(out.len(), 1, "{lines:#?}");
+    assert_eq!(
+        field(out[0], "downstream_local_address"),
+        Some(&*VIP.to_string())
+    );
+    assert_eq!(field(out[0], "source_workload"), Some("sleep"));
+}
