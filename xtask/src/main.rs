@@ -233,6 +233,20 @@ fn target_dir() -> PathBuf {
     }
 }
 
+/// Builds `nodeway` and the test binaries (mock upstream, clients, demos);
+/// returns the directory they are in.
+fn build_bins(release: bool) -> Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--quiet"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(cmd
+        .args(["-p", "nodeway", "-p", "nodeway-tests", "--bins"])
+        .current_dir(root()))?;
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
 /// Builds Nodeway and the test binaries; returns the command running the
 /// eBPF demo (`ebpf-demo`, see tests/src/bin/ebpf-demo.rs) with them.
 fn ebpf_demo(once: bool) -> Result<Command> {
@@ -241,11 +255,7 @@ fn ebpf_demo(once: bool) -> Result<Command> {
             "cargo xtask demo needs root (eBPF); use --loopback for the loopback demo".to_owned(),
         );
     }
-    run(Command::new("cargo")
-        .args(["build", "--quiet", "-p", "nodeway", "--bin", "nodeway"])
-        .args(["-p", "nodeway-tests", "--bins"])
-        .current_dir(root()))?;
-    let bin = target_dir().join("debug");
+    let bin = build_bins(false)?;
     let mut cmd = Command::new(bin.join("ebpf-demo"));
     cmd.arg("--nodeway")
         .arg(bin.join("nodeway"))
@@ -262,19 +272,7 @@ fn ebpf_demo(once: bool) -> Result<Command> {
 /// The loopback demo (`demo --loopback`): no root, no eBPF; the client pod
 /// is a source address, requests go to the proxy with `curl -x`.
 fn loopback_demo(once: bool) -> Result {
-    let root = root();
-    run(Command::new("cargo")
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "nodeway",
-            "-p",
-            "nodeway-tests",
-            "--bins",
-        ])
-        .current_dir(&root))?;
-    let bin = root.join("target/debug");
+    let bin = build_bins(false)?;
     let (proxy, mocks) = start_example_mesh(
         &bin,
         &[
@@ -400,20 +398,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// `/metrics` every 100 ms: five interleaved runs of each (A B A B …) after a
 /// warm-up, medians compared. Writes `target/bench/scrape-overhead.md`.
 fn bench_scrape() -> Result {
-    let root = root();
-    run(Command::new("cargo")
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "nodeway",
-            "-p",
-            "nodeway-tests",
-            "--bins",
-        ])
-        .current_dir(&root))?;
-    let bin = root.join("target/release");
+    let bin = build_bins(true)?;
     let (proxy, mocks) = start_example_mesh(
         &bin,
         &[
@@ -500,7 +485,7 @@ fn bench_scrape() -> Result {
             m("scrapes")
         ));
     }
-    let dir = root.join("target/bench");
+    let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("scrape-overhead.md"), &report).map_err(|e| e.to_string())?;
     println!("{report}");

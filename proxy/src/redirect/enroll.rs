@@ -51,8 +51,6 @@ pub struct Enroller {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     pods: HashMap<String, PodEntry>,
-    /// Published copy for readers (admin API).
-    published: Arc<std::sync::Mutex<Vec<EnrolledPod>>>,
     /// Where processes are looked up by pod UID (`/proc`).
     proc_root: PathBuf,
     /// Pods last found without a namespace, to log each once.
@@ -74,7 +72,6 @@ impl Enroller {
             shutdown,
             tracker,
             pods: HashMap::new(),
-            published: Arc::default(),
             proc_root: PathBuf::from("/proc"),
             waiting: HashSet::new(),
         }
@@ -82,7 +79,17 @@ impl Enroller {
 
     /// The pods enrolled now, sorted.
     pub fn enrolled(&self) -> Vec<EnrolledPod> {
-        self.published.lock().expect("enrolled lock").clone()
+        let mut enrolled: Vec<EnrolledPod> = self
+            .pods
+            .iter()
+            .map(|(key, e)| EnrolledPod {
+                pod: key.clone(),
+                netns: e.netns_path.display().to_string(),
+                netns_cookie: e.enrolled.cookie(),
+            })
+            .collect();
+        enrolled.sort_by(|a, b| a.pod.cmp(&b.pod));
+        enrolled
     }
 
     /// The pods that should be enrolled under `snap`, by `namespace/name`,
@@ -166,17 +173,6 @@ impl Enroller {
                 }
             }
         }
-        let mut published: Vec<EnrolledPod> = self
-            .pods
-            .iter()
-            .map(|(key, e)| EnrolledPod {
-                pod: key.clone(),
-                netns: e.netns_path.display().to_string(),
-                netns_cookie: e.enrolled.cookie(),
-            })
-            .collect();
-        published.sort_by(|a, b| a.pod.cmp(&b.pod));
-        *self.published.lock().expect("enrolled lock") = published;
     }
 
     fn enroll(
@@ -247,6 +243,5 @@ impl Enroller {
             self.ebpf.unenroll(entry.enrolled);
             entry.stop.cancel();
         }
-        self.published.lock().expect("enrolled lock").clear();
     }
 }
