@@ -1,0 +1,1 @@
+//! Placeholder: replaced by scenario 10 (config scale).
