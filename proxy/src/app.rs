@@ -497,7 +497,20 @@ async fn watch_config(
             continue;
         }
         last = Some(current);
-        match load(&path, &opts) {
+        // Loading a large file takes a while: off the runtime's workers,
+        // which carry traffic (and the admin API) meanwhile.
+        let loaded = {
+            let (path, opts) = (path.clone(), opts.clone());
+            tokio::task::spawn_blocking(move || load(&path, &opts)).await
+        };
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                tracing::error!(%err, "config loader task failed; keeping the last good configuration");
+                continue;
+            }
+        };
+        match loaded {
             Ok(snapshot) => {
                 let generation = installer.install(snapshot);
                 *status.last_error.lock().expect("status lock") = None;

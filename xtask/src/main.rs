@@ -25,9 +25,12 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("demo") => demo(&args[1..]),
         Some("test") => setup().and_then(|_| test()),
+        Some("bench") => setup().and_then(|_| bench(&args[1..])),
         Some("bench-scrape") => bench_scrape(),
         _ => {
-            eprintln!("usage: cargo xtask <setup|demo [--loopback] [--once]|test|bench-scrape>");
+            eprintln!(
+                "usage: cargo xtask <setup|demo [--loopback] [--once]|test|bench [--quick|--smoke]|bench-scrape>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -69,6 +72,9 @@ fn have(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Font of the benchmark's plots (Debian's `fonts-dejavu-core`).
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
 /// Installs what is missing, idempotently: `curl` (demo), `cargo-nextest`
 /// (test runner), `nft` and `bpftool` (eBPF test topology and checks), the
 /// eBPF toolchain: LLVM 22, nightly's `rust-src`, `bpf-linker`, and for the
@@ -80,10 +86,15 @@ fn setup() -> Result {
         ("nft", "nftables"),
         ("bpftool", "bpftool"),
         ("kubectl", "kubernetes-client"),
+        ("haproxy", "haproxy"),
     ] {
         if !have(program) {
             packages.push(package);
         }
+    }
+    // The benchmark's plots are labelled with DejaVu Sans.
+    if !Path::new(FONT).exists() {
+        packages.push("fonts-dejavu-core");
     }
     if !Path::new("/usr/lib/llvm-22/lib/libLLVM.so").exists()
         || !Path::new("/usr/lib/llvm-22/lib/libPolly.a").exists()
@@ -169,7 +180,53 @@ fn test() -> Result {
         .current_dir(&root))?;
     // Both demos the README shows must work as written.
     loopback_demo(true)?;
-    run(&mut ebpf_demo(true)?)
+    run(&mut ebpf_demo(true)?)?;
+    // The benchmark harness must not rot: a few seconds of every scenario.
+    bench(&["--smoke".to_owned()])
+}
+
+/// `cargo xtask bench [--quick|--smoke]`: release builds (debug for
+/// `--smoke`), then `nodeway-bench run`; the report lands in `target/bench`
+/// (`target/bench-smoke` for `--smoke`).
+fn bench(flags: &[String]) -> Result {
+    let mut mode = None;
+    for flag in flags {
+        match flag.as_str() {
+            "--quick" | "--smoke" if mode.is_none() => mode = Some(flag.clone()),
+            other => {
+                return Err(format!(
+                    "bench: unknown argument {other:?} (--quick, --smoke)"
+                ));
+            }
+        }
+    }
+    if !is_root() {
+        return Err(
+            "cargo xtask bench needs root: it builds network namespaces and loads eBPF programs"
+                .to_owned(),
+        );
+    }
+    let smoke = mode.as_deref() == Some("--smoke");
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--quiet"]);
+    if !smoke {
+        cmd.arg("--release");
+    }
+    run(cmd
+        .args(["-p", "nodeway", "-p", "nodeway-bench", "--bins"])
+        .current_dir(root()))?;
+    let bin = target_dir().join(if smoke { "debug" } else { "release" });
+    let out = target_dir().join(if smoke { "bench-smoke" } else { "bench" });
+    let mut cmd = Command::new(bin.join("nodeway-bench"));
+    cmd.arg("run")
+        .arg("--nodeway")
+        .arg(bin.join("nodeway"))
+        .arg("--out")
+        .arg(&out);
+    if let Some(m) = &mode {
+        cmd.arg(m);
+    }
+    run(&mut cmd)
 }
 
 struct KillOnDrop(Child);

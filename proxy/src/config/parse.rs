@@ -155,11 +155,14 @@ pub fn parse_documents(
         if !document.has_content {
             continue;
         }
-        // Leading newlines keep the parser's line numbers relative to the file.
-        let text = "\n".repeat(document.first_line) + &document.text;
-        let mut value: Value = match serde_yaml_ng::from_str(&text) {
+        let mut value: Value = match serde_yaml_ng::from_str(&document.text) {
             Ok(value) => value,
             Err(err) => {
+                // Only now pay for leading newlines, which make the error's
+                // line number count from the top of the file (prefixing every
+                // document would make loading quadratic in the file's length).
+                let text = "\n".repeat(document.first_line) + &document.text;
+                let err = serde_yaml_ng::from_str::<Value>(&text).err().unwrap_or(err);
                 cx.error("-", ParseError::Syntax(err));
                 continue;
             }
