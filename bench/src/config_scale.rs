@@ -7,7 +7,9 @@
 //! [`config_yaml`]): a base of one service with one endpoint, then N services
 //! with one endpoint each and one service with N endpoints. For each it
 //! records the time to ready, RSS/PSS, and the time until a rewritten file is
-//! applied. Endpoint picks are timed in process with [`nodeway::lb`].
+//! applied; the largest N-services config is run again with one malloc arena
+//! to tell memory the allocator keeps from memory the proxy holds. Endpoint
+//! picks are timed in process with [`nodeway::lb`].
 //!
 //! Needs no root: nothing here leaves the loopback interface.
 
@@ -39,9 +41,9 @@ const ADMIN_POLL_MAX: Duration = Duration::from_millis(20);
 /// admin API comes up, and an update written before that would go unseen.
 const SETTLE: Duration = Duration::from_millis(250);
 /// Longest wait for the proxy to answer `/ready`, and for an update to be
-/// applied: generous, since loading grows faster than linearly with the file
-/// (a release build takes about a minute for 10 000 services, a debug build
-/// far longer); they only catch a hung proxy.
+/// applied. Generous (a debug build, or a regression that makes loading
+/// super-linear, takes minutes on 10 000 services): they only catch a hung
+/// proxy.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Per-request timeout on the admin API, except while awaiting a reload.
@@ -250,10 +252,7 @@ fn address(second: u8, n: usize) -> String {
 pub fn run(nodeway: &Path, mode: Mode) -> Result<Scenario, String> {
     let sizes: &[usize] = match mode {
         Mode::Smoke => &[100, 1_000],
-        // Loading grows faster than linearly (see the notes): 10 000 services
-        // alone would take quick mode past its few minutes.
-        Mode::Quick => &[1_000, 3_000],
-        Mode::Full => &[1_000, 10_000],
+        Mode::Quick | Mode::Full => &[1_000, 10_000],
     };
     let runs = mode.runs();
     let dir = TempDir::new()?;
@@ -278,7 +277,7 @@ pub fn run(nodeway: &Path, mode: Mode) -> Result<Scenario, String> {
 
     let mut measured = Vec::new();
     for &shape in &shapes {
-        let m = measure_config(nodeway, &dir.0, shape, runs)
+        let m = measure_config(nodeway, &dir.0, &[], shape, runs)
             .map_err(|e| format!("config scale, {}: {e}", shape.label()))?;
         measured.push((shape, m));
     }
@@ -357,15 +356,13 @@ pub fn run(nodeway: &Path, mode: Mode) -> Result<Scenario, String> {
         "RSS after the updates: {}.",
         after_updates.join("; ")
     ));
+    notes.extend(arena_note(nodeway, &dir.0, &measured, runs)?);
     notes.push(format!("Config file sizes: {}.", file_sizes.join("; ")));
     notes.extend(superlinear_note(&measured));
     if !stalls.is_empty() {
         notes.push(format!(
-            "While a reload ran, the admin API left a request unanswered for up to: {}. The file \
-             watcher calls the synchronous loader inside an async task (`app::watch_config`), \
-             holding a runtime worker thread for the whole load, and the admin API, served by \
-             the same runtime, stalled with it (so may the data path, which shares that \
-             runtime; not measured here).",
+            "While a reload ran, the admin API left a request unanswered for up to: {} (the \
+             data path shares its runtime; not measured here).",
             stalls.join("; ")
         ));
     }
@@ -432,11 +429,16 @@ struct Measured {
     admin_stall: Duration,
 }
 
-/// Starts the proxy on `shape`, measures, applies `runs` recorded updates
-/// (after one unrecorded one that finds the poll phase), stops it.
+/// Environment for a control run with one glibc malloc arena.
+const ONE_ARENA: &[(&str, &str)] = &[("MALLOC_ARENA_MAX", "1")];
+
+/// Starts the proxy on `shape` with `env` added to its environment,
+/// measures, applies `runs` recorded updates (after one unrecorded one that
+/// finds the poll phase), stops it.
 fn measure_config(
     nodeway: &Path,
     dir: &Path,
+    env: &[(&str, &str)],
     shape: Shape,
     runs: usize,
 ) -> Result<Measured, String> {
@@ -444,7 +446,7 @@ fn measure_config(
     let yaml = config_yaml(shape, 0);
     let file_bytes = yaml.len();
     write_atomically(&config, &yaml)?;
-    let (mut proxy, ready) = Proxy::launch(nodeway, &config, dir)?;
+    let (mut proxy, ready) = Proxy::launch(nodeway, &config, dir, env)?;
 
     let dump = proxy.config_dump(HTTP_TIMEOUT)?;
     check_dump(&dump, 1, shape.services)?;
@@ -505,6 +507,37 @@ fn measure_config(
     })
 }
 
+/// Repeats the largest N-services config with one malloc arena and compares
+/// the RSS after the updates: tells memory the allocator keeps from memory
+/// the proxy holds.
+fn arena_note(
+    nodeway: &Path,
+    dir: &Path,
+    measured: &[(Shape, Measured)],
+    runs: usize,
+) -> Result<Option<String>, String> {
+    let Some((shape, default)) = measured.iter().rfind(|(s, _)| s.services > 1) else {
+        return Ok(None);
+    };
+    let control = measure_config(nodeway, dir, ONE_ARENA, *shape, runs)
+        .map_err(|e| format!("config scale, {} with one arena: {e}", shape.label()))?;
+    let (one, many) = (control.rss_after_updates_kib, default.rss_after_updates_kib);
+    let why = if (one as f64) < 0.8 * many as f64 {
+        "; the difference is memory freed by the proxy but kept by glibc in its per-thread \
+         malloc arenas"
+    } else {
+        ""
+    };
+    Ok(Some(format!(
+        "Control run, {} with MALLOC_ARENA_MAX=1: RSS {} MiB after load, {} MiB after the same \
+         updates (default malloc: {} MiB){why}.",
+        shape.label(),
+        mib(control.memory.rss_kib),
+        mib(one),
+        mib(many)
+    )))
+}
+
 /// A note when start-up time grew much faster than the config between the
 /// smallest and the largest size of either family (N services, N endpoints).
 fn superlinear_note(measured: &[(Shape, Measured)]) -> Option<String> {
@@ -530,10 +563,8 @@ fn superlinear_note(measured: &[(Shape, Measured)]) -> Option<String> {
         return None;
     }
     Some(format!(
-        "Start-up time grows faster than linearly with the config: {}; reloads follow. When \
-         this scenario was written, perf put ~90% of a load in the YAML scanner: \
-         `config::parse_documents` prefixes each document with one newline per line before \
-         it, to keep line numbers, so parsing is O(documents × lines).",
+        "Start-up time grows faster than linearly with the config: {}; reloads follow \
+         (`nodeway validate --config` on a generated file reproduces it for profiling).",
         grew.join(", ")
     ))
 }
@@ -570,10 +601,15 @@ impl Proxy {
     /// Spawns the proxy on `config` and waits until its admin API answers;
     /// returns it with the time that took. Retries with other ports if one
     /// was taken between choosing and binding it.
-    fn launch(nodeway: &Path, config: &Path, dir: &Path) -> Result<(Proxy, Duration), String> {
+    fn launch(
+        nodeway: &Path,
+        config: &Path,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<(Proxy, Duration), String> {
         let mut last_error = String::new();
         for _ in 0..3 {
-            let mut proxy = Proxy::spawn(nodeway, config, dir)?;
+            let mut proxy = Proxy::spawn(nodeway, config, dir, env)?;
             match proxy.wait_ready() {
                 Ok(ready) => return Ok((proxy, ready)),
                 Err(e) if e.contains("cannot listen") => last_error = e,
@@ -583,7 +619,12 @@ impl Proxy {
         Err(last_error)
     }
 
-    fn spawn(nodeway: &Path, config: &Path, dir: &Path) -> Result<Proxy, String> {
+    fn spawn(
+        nodeway: &Path,
+        config: &Path,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Proxy, String> {
         let [outbound, admin, metrics, readiness] = free_ports()?;
         let stdout = dir.join("nodeway.stdout");
         let stderr = dir.join("nodeway.stderr");
@@ -597,6 +638,7 @@ impl Proxy {
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--readiness-addr", &readiness.to_string()])
             .args(["--access-log", "off", "--node", NODE, "--log-level", "info"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             // Files, not pipes: the proxy can never block on a full pipe.
             .stdout(create(&stdout)?)
@@ -634,10 +676,10 @@ impl Proxy {
     /// when that was seen, with the slowest admin answer meanwhile. Polls
     /// every 50 ms until `quiet_until`, then as [`poll_interval`] says.
     ///
-    /// The admin API may answer nothing while the proxy loads a large file
-    /// (the load holds one of its runtime's threads), so each request may
-    /// wait until the deadline: it is answered as soon as the runtime runs
-    /// again, which is also when the reload is done.
+    /// The admin API may be slow to answer while the proxy loads a large
+    /// file (a loader running on a runtime worker once stalled it for the
+    /// whole load), so each request may wait until the deadline rather than
+    /// fail.
     fn wait_generation(
         &mut self,
         generation: u64,
@@ -1114,17 +1156,5 @@ mod tests {
         assert_eq!(picks.columns.len(), 3);
         assert_eq!(picks.rows.len(), 4);
         assert!(picks.rows.iter().all(|r| number(&r[2]) > 0.0));
-    }
-}
-
-#[cfg(test)]
-mod scratch_release_tmp {
-    #[test]
-    #[ignore]
-    fn scratch_release_full() {
-        let bin =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/nodeway");
-        let s = super::run(&bin, crate::model::Mode::Full).unwrap_or_else(|e| panic!("{e}"));
-        println!("{}", serde_json::to_string_pretty(&s).unwrap());
     }
 }

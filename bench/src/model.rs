@@ -235,7 +235,7 @@ impl Mode {
     pub fn runs(self) -> usize {
         match self {
             Mode::Smoke => 1,
-            Mode::Quick => 2,
+            Mode::Quick => 1,
             Mode::Full => 5,
         }
     }
@@ -244,8 +244,8 @@ impl Mode {
     pub fn run_ms(self) -> u64 {
         match self {
             Mode::Smoke => 300,
-            Mode::Quick => 2_000,
-            Mode::Full => 10_000,
+            Mode::Quick => 1_500,
+            Mode::Full => 3_000,
         }
     }
 
@@ -254,7 +254,7 @@ impl Mode {
         match self {
             Mode::Smoke => 100,
             Mode::Quick => 300,
-            Mode::Full => 1_000,
+            Mode::Full => 500,
         }
     }
 }

@@ -883,7 +883,15 @@ fn build_report(plan: &Plan, d: &Data, scale: Scenario) -> Report {
                 mark-down`, `maxconn`."
             .into(),
         tables: vec![t, f],
-        notes: vec![],
+        notes: vec![
+            "Without resilience, neither proxy checks health. HAProxy retries a refused \
+             connection to the same server 3 times, 1 s apart (its turn-around timer), so at \
+             1 000 req/s its queue grows without bound and requests are still waiting when \
+             the run ends (counted as failures). Nodeway applies Istio's default retry policy \
+             (2 retries on connect-failure, refused-stream, unavailable, cancelled, \
+             retriable-status-codes with 503, 25 ms base back-off), so most requests succeed, late."
+                .into(),
+        ],
     });
 
     // 9. Bystander.
