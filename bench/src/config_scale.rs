@@ -1091,17 +1091,21 @@ mod tests {
     }
 
     /// The debug proxy binary, honouring `CARGO_TARGET_DIR`.
+    /// Builds the debug proxy (a no-op when it is up to date; the test
+    /// runner may start this test before anything else built it).
     fn debug_nodeway() -> PathBuf {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "nodeway", "--bin", "nodeway"])
+            .current_dir(&workspace)
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building the nodeway binary failed");
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .map_or_else(|| workspace.join("target"), |t| workspace.join(t));
         let nodeway = target.join("debug").join("nodeway");
-        assert!(
-            nodeway.is_file(),
-            "{} is missing: build it first with `cargo build -p nodeway`",
-            nodeway.display()
-        );
+        assert!(nodeway.is_file(), "{} is missing", nodeway.display());
         nodeway
     }
 

@@ -178,6 +178,10 @@ pub fn machine(nodeway: &Path) -> Machine {
             .lines()
             .next()
             .unwrap_or_default()
+            .trim_start_matches("HAProxy version ")
+            .split(' ')
+            .next()
+            .unwrap_or_default()
             .to_owned(),
         nodeway: command_output(&nodeway.display().to_string(), &["--version"]),
     }
