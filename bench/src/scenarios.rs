@@ -70,24 +70,18 @@ struct ErrorNote {
 }
 
 impl Data {
-    fn samples(&self, s: System, key: &str) -> &[Sample] {
-        self.samples
-            .iter()
-            .find(|((sys, k), _)| *sys == s && *k == key)
-            .map_or(&[], |(_, v)| v.as_slice())
+    fn samples(&self, s: System, key: &'static str) -> &[Sample] {
+        self.samples.get(&(s, key)).map_or(&[], Vec::as_slice)
     }
 
     /// Median over runs of `f` applied to each sample.
-    fn med(&self, s: System, key: &str, f: impl Fn(&Sample) -> f64) -> Option<f64> {
+    fn med(&self, s: System, key: &'static str, f: impl Fn(&Sample) -> f64) -> Option<f64> {
         let v: Vec<f64> = self.samples(s, key).iter().map(f).collect();
         median(v)
     }
 
-    fn scalar(&self, s: System, key: &str) -> Option<f64> {
-        self.scalars
-            .iter()
-            .find(|((sys, k), _)| *sys == s && *k == key)
-            .and_then(|(_, v)| median(v.clone()))
+    fn scalar(&self, s: System, key: &'static str) -> Option<f64> {
+        median(self.scalars.get(&(s, key))?.clone())
     }
 }
 
@@ -206,29 +200,26 @@ fn session(world: &World, system: System, plan: &Plan, data: &mut Data) -> Resul
             .push(rss_kb(pid) as f64);
     }
     let resilience_only = RESILIENCE.contains(&system);
+    let mut loads: Vec<(&'static str, &str, Load)> = Vec::new();
     if !resilience_only {
-        let s = measure(
-            world,
-            &running,
+        loads.push((
+            "pingpong",
             CLIENT,
-            &Load::PingPong {
+            Load::PingPong {
                 target: system.echo(),
                 size: 1024,
                 count: plan.pingpongs,
                 warmup: plan.pingpongs / 10,
             },
-        )?;
-        put("pingpong", s, data);
+        ));
         for (key, rate) in [("h1_low", LOW_RATE), ("h1", RATE)] {
             let load = plan.http1(system.web(), AUTHORITY_WEB, rate, plan.run_ms);
-            let s = measure(world, &running, CLIENT, &load)?;
-            put(key, s, data);
+            loads.push((key, CLIENT, load));
         }
-        let s = measure(
-            world,
-            &running,
+        loads.push((
+            "h2",
             CLIENT,
-            &Load::H2 {
+            Load::H2 {
                 target: system.web(),
                 authority: AUTHORITY_WEB.into(),
                 path: PATH_1K.into(),
@@ -238,13 +229,11 @@ fn session(world: &World, system: System, plan: &Plan, data: &mut Data) -> Resul
                 duration_ms: plan.run_ms,
                 warmup_ms: plan.warmup_ms,
             },
-        )?;
-        put("h2", s, data);
-        let s = measure(
-            world,
-            &running,
+        ));
+        loads.push((
+            "grpc",
             CLIENT,
-            &Load::Grpc {
+            Load::Grpc {
                 target: system.web(),
                 authority: AUTHORITY_WEB.into(),
                 mock_path: PATH_1K.into(),
@@ -253,54 +242,52 @@ fn session(world: &World, system: System, plan: &Plan, data: &mut Data) -> Resul
                 duration_ms: plan.run_ms,
                 warmup_ms: plan.warmup_ms,
             },
-        )?;
-        put("grpc", s, data);
-        let s = measure(
-            world,
-            &running,
+        ));
+        loads.push((
+            "conn",
             CLIENT,
-            &Load::ConnPerRequest {
+            Load::ConnPerRequest {
                 target: system.web(),
                 authority: AUTHORITY_WEB.into(),
                 path: PATH_1K.into(),
                 concurrency: 4,
                 duration_ms: plan.run_ms,
             },
-        )?;
-        put("conn", s, data);
+        ));
         // Scenario 9: a pod that is not enrolled opens connections; the
         // programs are attached in Nodeway's sessions, not in direct's.
-        let s = measure(
-            world,
-            &running,
+        loads.push((
+            "bystander",
             BYSTANDER,
-            &Load::Connect {
+            Load::Connect {
                 target: SocketAddr::from((SERVER_A, ECHO_PORT)),
                 concurrency: 2,
                 duration_ms: plan.run_ms,
             },
-        )?;
-        put("bystander", s, data);
+        ));
+    }
+    loads.push((
+        "clean",
+        CLIENT,
+        plan.http1(system.clean(), AUTHORITY_CLEAN, RATE, plan.run_ms),
+    ));
+    loads.push((
+        "faulty",
+        CLIENT,
+        plan.http1(system.faulty(), AUTHORITY_FAULTY, LOW_RATE, plan.run_ms),
+    ));
+    for (key, pod, load) in &loads {
+        let s = measure(world, &running, pod, load)?;
+        put(key, s, data);
+    }
+    if !resilience_only {
+        // After `h1_low`, whose p99 it compares with.
         let sat = saturation(world, &running, plan, data)?;
         data.scalars
             .entry((system, "saturation"))
             .or_default()
             .push(sat);
     }
-    let s = measure(
-        world,
-        &running,
-        CLIENT,
-        &plan.http1(system.clean(), AUTHORITY_CLEAN, RATE, plan.run_ms),
-    )?;
-    put("clean", s, data);
-    let s = measure(
-        world,
-        &running,
-        CLIENT,
-        &plan.http1(system.faulty(), AUTHORITY_FAULTY, LOW_RATE, plan.run_ms),
-    )?;
-    put("faulty", s, data);
     if !resilience_only {
         idle(world, &running, plan, data)?;
     }
@@ -502,8 +489,9 @@ fn build_report(plan: &Plan, d: &Data, scale: Scenario) -> Report {
     let mode = plan.mode;
     let mut scenarios = Vec::new();
     let mut targets = Vec::new();
-    let p = |s: System, key: &str, i: usize| d.med(s, key, |x| lat(&x.r.latency_us)[i]);
-    let added = |s: System, key: &str, i: usize| Some(p(s, key, i)? - p(System::Direct, key, i)?);
+    let p = |s: System, key: &'static str, i: usize| d.med(s, key, |x| lat(&x.r.latency_us)[i]);
+    let added =
+        |s: System, key: &'static str, i: usize| Some(p(s, key, i)? - p(System::Direct, key, i)?);
     let proxies = [System::Haproxy, System::Nodeway, System::NodewaySockmap];
 
     // 1. L4 ping-pong.
@@ -664,8 +652,8 @@ fn build_report(plan: &Plan, d: &Data, scale: Scenario) -> Report {
     });
 
     // 4. CPU per 10k requests.
-    let cpu = |s: System, key: &str| d.med(s, key, |x| x.cpu_per(10_000.0));
-    let ebpf_part = |s: System, key: &str| {
+    let cpu = |s: System, key: &'static str| d.med(s, key, |x| x.cpu_per(10_000.0));
+    let ebpf_part = |s: System, key: &'static str| {
         d.med(s, key, |x| {
             if x.ops_total > 0.0 {
                 x.ebpf_cpu_s / x.ops_total * 10_000.0
@@ -818,7 +806,7 @@ fn build_report(plan: &Plan, d: &Data, scale: Scenario) -> Report {
         rows: vec![],
     };
     for s in MAIN {
-        let c = |key: &str| {
+        let c = |key: &'static str| {
             if s == System::Direct {
                 "–".into()
             } else {
