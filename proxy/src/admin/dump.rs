@@ -8,18 +8,18 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::app::ConfigStatus;
-use crate::proxy::Shared;
-use crate::proxy::cluster::ClusterConfig;
+use crate::proxy::Proxy;
+use crate::proxy::clients::ClusterConfig;
 use crate::state::{ConsistentHashKey, LbPolicy, SimpleLb};
+use crate::status::ConfigStatus;
 
 /// Envoy's ring size default for `consistentHash` without `minimumRingSize`.
 const DEFAULT_MINIMUM_RING_SIZE: u64 = 1024;
 
-pub(super) fn config_dump(shared: &Shared, status: &ConfigStatus) -> Value {
-    let snap = shared.snapshot.load();
+pub(super) fn config_dump(proxy: &Proxy, status: &ConfigStatus) -> Value {
+    let snap = proxy.snapshot.load();
     let mut clusters = Vec::new();
-    let mut clients = shared.clusters.clients();
+    let mut clients = proxy.clients.clients();
     clients.sort_by(|a, b| a.key.cmp(&b.key));
     for client in clients {
         let mut mine = client.clusters();
@@ -43,7 +43,7 @@ pub(super) fn config_dump(shared: &Shared, status: &ConfigStatus) -> Value {
         "pods": snap.pods_by_ip.len(),
         "destination_rules": snap.destination_rules.len(),
         "virtual_services": snap.virtual_services.len(),
-        "access_log_lines_dropped": shared.logger.dropped(),
+        "access_log_lines_dropped": proxy.logger.dropped(),
         "clusters": clusters,
     })
 }

@@ -18,6 +18,7 @@
 pub mod cli;
 mod dump;
 pub mod logging;
+pub mod metrics;
 mod query;
 mod stats;
 mod table;
@@ -34,8 +35,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::app::ConfigStatus;
-use crate::proxy::Shared;
+use crate::net::accept_loop;
+use crate::proxy::Proxy;
+use crate::status::ConfigStatus;
 
 pub use query::{Query, percent_encode};
 pub use table::render_table;
@@ -56,27 +58,15 @@ admin commands are:
 
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    proxy: Arc<Proxy>,
     status: Arc<ConfigStatus>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
-        };
-        let shared = shared.clone();
-        let status = status.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let reply = handle(&req, &shared, &status);
-                async move { Ok::<_, Infallible>(reply) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    serve_http(listener, "admin", Some(shutdown), move |req| {
+        let reply = handle(&req, &proxy, &status);
+        async move { reply }
+    })
+    .await;
 }
 
 /// Readiness probes only (`GET /healthz/ready`, also `/ready`), for a
@@ -85,30 +75,51 @@ pub async fn serve(
 /// cancelled (SIGTERM), so the endpoint leaves Services before the process
 /// stops.
 pub async fn serve_readiness(listener: TcpListener, draining: CancellationToken) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let draining = draining.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let reply = match (req.method(), req.uri().path()) {
-                    (&Method::GET | &Method::HEAD, "/healthz/ready" | "/ready") => {
-                        if draining.is_cancelled() {
-                            text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
-                        } else {
-                            text(StatusCode::OK, "LIVE\n")
-                        }
+    serve_http(
+        listener,
+        "readiness",
+        None,
+        move |req: Request<Incoming>| {
+            let reply = match (req.method(), req.uri().path()) {
+                (&Method::GET | &Method::HEAD, "/healthz/ready" | "/ready") => {
+                    if draining.is_cancelled() {
+                        text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+                    } else {
+                        text(StatusCode::OK, "LIVE\n")
                     }
-                    _ => text(StatusCode::NOT_FOUND, "readiness: GET /healthz/ready\n"),
-                };
-                async move { Ok::<_, Infallible>(reply) }
+                }
+                _ => text(StatusCode::NOT_FOUND, "readiness: GET /healthz/ready\n"),
+            };
+            async move { reply }
+        },
+    )
+    .await;
+}
+
+/// Serves HTTP/1.1 on `listener`, each request answered by `handle`, until
+/// `stop` is cancelled (`None`: for the life of the process).
+async fn serve_http<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    stop: Option<CancellationToken>,
+    handle: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    accept_loop(listener, what, stop, move |stream, _| {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let reply = handle(req);
+                async move { Ok::<_, Infallible>(reply.await) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
-    }
+    })
+    .await;
 }
 
 fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -127,18 +138,14 @@ fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
     reply(StatusCode::OK, "application/json", format!("{value:#}\n"))
 }
 
-fn handle(
-    req: &Request<Incoming>,
-    shared: &Shared,
-    status: &ConfigStatus,
-) -> Response<Full<Bytes>> {
+fn handle(req: &Request<Incoming>, proxy: &Proxy, status: &ConfigStatus) -> Response<Full<Bytes>> {
     let query = Query::parse(req.uri().query());
     let method = req.method();
     let get = method == Method::GET || method == Method::HEAD;
     match req.uri().path() {
         "/ready" | "/healthz/ready" if get => text(StatusCode::OK, "LIVE\n"),
         "/" | "/help" if get => text(StatusCode::OK, HELP),
-        "/config_dump" if get => json(&dump::config_dump(shared, status)),
+        "/config_dump" if get => json(&dump::config_dump(proxy, status)),
         "/redirect" if get => json(
             &serde_json::to_value(&*status.redirect.lock().expect("status lock"))
                 .unwrap_or_default(),
@@ -151,9 +158,9 @@ fn handle(
             let source = query.get("source");
             match query.get("format") {
                 None | Some("text") => {
-                    text(StatusCode::OK, stats::text(shared, source, filter.as_ref()))
+                    text(StatusCode::OK, stats::text(proxy, source, filter.as_ref()))
                 }
-                Some("json") => json(&stats::json(shared, source, filter.as_ref())),
+                Some("json") => json(&stats::json(proxy, source, filter.as_ref())),
                 Some(other) => text(
                     StatusCode::BAD_REQUEST,
                     format!("unknown format {other:?}; use text or json\n"),
@@ -161,7 +168,7 @@ fn handle(
             }
         }
         "/endpoints" if get => {
-            let rows = stats::endpoint_rows(shared, query.get("cluster"), query.get("source"));
+            let rows = stats::endpoint_rows(proxy, query.get("cluster"), query.get("source"));
             match query.get("format") {
                 None | Some("text") => text(StatusCode::OK, stats::endpoints_text(&rows)),
                 Some("json") => json(&stats::endpoints_json(&rows)),
@@ -172,7 +179,7 @@ fn handle(
             }
         }
         "/reset_counters" if method == Method::POST => {
-            stats::reset_counters(shared);
+            stats::reset_counters(proxy);
             text(StatusCode::OK, "OK\n")
         }
         "/logging" if method == Method::POST => match query.get("level") {

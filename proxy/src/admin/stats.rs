@@ -9,13 +9,13 @@ use std::sync::atomic::Ordering;
 use regex::Regex;
 use serde_json::{Value, json};
 
-use crate::proxy::Shared;
-use crate::proxy::cluster::ClientState;
+use crate::proxy::Proxy;
+use crate::proxy::clients::ClientPod;
 
 /// Whether `source` names this client: its workload (`sleep`),
 /// `namespace/workload` (`default/sleep`) or its pod (`default/sleep-5d9c7b8f6-abcde`;
 /// unknown clients are keyed by IP).
-pub(super) fn source_matches(client: &ClientState, source: Option<&str>) -> bool {
+pub(super) fn source_matches(client: &ClientPod, source: Option<&str>) -> bool {
     let Some(source) = source else {
         return true;
     };
@@ -27,9 +27,9 @@ pub(super) fn source_matches(client: &ClientState, source: Option<&str>) -> bool
         .is_some_and(|(ns, w)| ns == &*client.source_namespace && w == &*client.source_workload)
 }
 
-fn clients(shared: &Shared, source: Option<&str>) -> Vec<Arc<ClientState>> {
-    let mut clients: Vec<_> = shared
-        .clusters
+fn clients(proxy: &Proxy, source: Option<&str>) -> Vec<Arc<ClientPod>> {
+    let mut clients: Vec<_> = proxy
+        .clients
         .clients()
         .into_iter()
         .filter(|c| source_matches(c, source))
@@ -41,10 +41,10 @@ fn clients(shared: &Shared, source: Option<&str>) -> Vec<Arc<ClientState>> {
 /// Envoy's text form: `cluster.<name>.<stat>: <value>`, sorted by name, summed
 /// over the selected client pods; `nodeway.node.*` (the node-wide budget)
 /// when no `source` is given.
-pub(super) fn text(shared: &Shared, source: Option<&str>, filter: Option<&Regex>) -> String {
+pub(super) fn text(proxy: &Proxy, source: Option<&str>, filter: Option<&Regex>) -> String {
     let keep = |name: &str| filter.is_none_or(|re| re.is_match(name));
     let mut totals: BTreeMap<String, u64> = BTreeMap::new();
-    for client in clients(shared, source) {
+    for client in clients(proxy, source) {
         for cluster in client.clusters() {
             let mut add = |name: String, value: u64| {
                 if keep(&name) {
@@ -66,7 +66,7 @@ pub(super) fn text(shared: &Shared, source: Option<&str>, filter: Option<&Regex>
         }
     }
     if source.is_none() {
-        for (stat, value) in node_values(shared) {
+        for (stat, value) in node_values(proxy) {
             let name = format!("nodeway.node.{stat}");
             if keep(&name) {
                 totals.insert(name, value);
@@ -80,8 +80,8 @@ pub(super) fn text(shared: &Shared, source: Option<&str>, filter: Option<&Regex>
     out
 }
 
-fn node_values(shared: &Shared) -> [(&'static str, u64); 4] {
-    let node = shared.clusters.node_budget();
+fn node_values(proxy: &Proxy) -> [(&'static str, u64); 4] {
+    let node = proxy.clients.node_budget();
     [
         ("upstream_connections", node.connections.get().into()),
         ("max_upstream_connections", node.max_connections.into()),
@@ -93,12 +93,12 @@ fn node_values(shared: &Shared) -> [(&'static str, u64); 4] {
 /// Per (client pod, cluster): Envoy's cluster counters, outlier counters, and
 /// each endpoint's state as that client sees it; plus the node-wide budget.
 /// `filter` applies to the full stat name (`cluster.<name>.<stat>`).
-pub(super) fn json(shared: &Shared, source: Option<&str>, filter: Option<&Regex>) -> Value {
+pub(super) fn json(proxy: &Proxy, source: Option<&str>, filter: Option<&Regex>) -> Value {
     let keep = |cluster: &str, stat: &str| {
         filter.is_none_or(|re| re.is_match(&format!("cluster.{cluster}.{stat}")))
     };
     let mut clusters = Vec::new();
-    for client in clients(shared, source) {
+    for client in clients(proxy, source) {
         let mut mine = client.clusters();
         mine.sort_by(|a, b| a.name.cmp(&b.name));
         for cluster in mine {
@@ -142,7 +142,7 @@ pub(super) fn json(shared: &Shared, source: Option<&str>, filter: Option<&Regex>
             }));
         }
     }
-    let node: serde_json::Map<String, Value> = node_values(shared)
+    let node: serde_json::Map<String, Value> = node_values(proxy)
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.into()))
         .collect();
@@ -151,8 +151,8 @@ pub(super) fn json(shared: &Shared, source: Option<&str>, filter: Option<&Regex>
 
 /// Envoy's `/reset_counters`: every counter of every client cluster to zero;
 /// gauges (`*_active`, `outlier_detection.ejections_active`) keep their value.
-pub(super) fn reset_counters(shared: &Shared) {
-    for client in shared.clusters.clients() {
+pub(super) fn reset_counters(proxy: &Proxy) {
+    for client in proxy.clients.clients() {
         for cluster in client.clusters() {
             cluster.stats.reset_counters();
             if let Some(detector) = &cluster.config().outlier {
@@ -187,7 +187,7 @@ impl EndpointRow {
 /// service FQDN for all its ports and subsets), of the clients `source`
 /// names; sorted by cluster, client and address.
 pub(super) fn endpoint_rows(
-    shared: &Shared,
+    proxy: &Proxy,
     cluster: Option<&str>,
     source: Option<&str>,
 ) -> Vec<EndpointRow> {
@@ -195,7 +195,7 @@ pub(super) fn endpoint_rows(
         cluster.is_none_or(|c| c == name || name.rsplit('|').next().is_some_and(|fqdn| fqdn == c))
     };
     let mut rows = Vec::new();
-    for client in clients(shared, source) {
+    for client in clients(proxy, source) {
         for cc in client.clusters().into_iter().filter(|c| wanted(&c.name)) {
             let config = cc.config();
             for (i, host) in config.hosts.iter().enumerate() {

@@ -17,7 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use super::cluster::UpstreamHold;
+use super::clients::UpstreamHold;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::{AccessLogEntry, AccessLogger};
 use crate::telemetry::stats::RequestTelemetry;
@@ -40,7 +40,7 @@ struct ReplayState {
 
 /// The request body as seen by one upstream attempt.
 pub struct RequestBody {
-    shared: Option<Arc<Mutex<ReplayState>>>,
+    proxy: Option<Arc<Mutex<ReplayState>>>,
     exact_len: Option<u64>,
     next_buffered: usize,
     sent_trailers: bool,
@@ -49,7 +49,7 @@ pub struct RequestBody {
 impl RequestBody {
     pub fn empty() -> Self {
         RequestBody {
-            shared: None,
+            proxy: None,
             exact_len: Some(0),
             next_buffered: 0,
             sent_trailers: false,
@@ -63,7 +63,7 @@ impl RequestBody {
         }
         let exact_len = incoming.size_hint().exact();
         RequestBody {
-            shared: Some(Arc::new(Mutex::new(ReplayState {
+            proxy: Some(Arc::new(Mutex::new(ReplayState {
                 source: incoming,
                 buffered: Vec::new(),
                 buffered_len: 0,
@@ -82,7 +82,7 @@ impl RequestBody {
     /// A fresh body for another attempt: what was read so far, then the rest.
     pub fn replay(&self) -> Self {
         RequestBody {
-            shared: self.shared.clone(),
+            proxy: self.proxy.clone(),
             exact_len: self.exact_len,
             next_buffered: 0,
             sent_trailers: false,
@@ -91,7 +91,7 @@ impl RequestBody {
 
     /// Whether a retry can still send the complete body.
     pub fn can_replay(&self) -> bool {
-        self.shared
+        self.proxy
             .as_ref()
             .is_none_or(|s| !s.lock().expect("body lock").overflowed)
     }
@@ -112,7 +112,7 @@ impl RequestBody {
 
     /// Body bytes read from the client so far, and when the last one came.
     pub fn received(&self) -> (u64, Option<Instant>) {
-        match &self.shared {
+        match &self.proxy {
             None => (0, None),
             Some(s) => {
                 let s = s.lock().expect("body lock");
@@ -131,10 +131,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let Some(shared) = &this.shared else {
+        let Some(proxy) = &this.proxy else {
             return Poll::Ready(None);
         };
-        let mut st = shared.lock().expect("body lock");
+        let mut st = proxy.lock().expect("body lock");
         if this.next_buffered < st.buffered.len() {
             let chunk = st.buffered[this.next_buffered].clone();
             this.next_buffered += 1;
@@ -187,7 +187,7 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.shared.is_none()
+        self.proxy.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

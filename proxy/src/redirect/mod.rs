@@ -3,11 +3,11 @@
 //! With `--redirect ebpf` the eBPF programs' map answers (`ebpf`); without,
 //! `SO_ORIGINAL_DST` works for iptables `REDIRECT`. The proxy only sees this
 //! trait, so tests can supply destinations directly. `netns` opens sockets
-//! inside pods; `enroll` keeps the enrolled pods in step with the config.
+//! inside pods; `discover` finds a pod's network namespace. Which pods are
+//! enrolled is decided above, in `app::enroll`.
 
 pub mod discover;
 pub mod ebpf;
-pub mod enroll;
 pub mod netns;
 
 use std::net::SocketAddr;

@@ -1,7 +1,8 @@
-//! Circuit breaking (limits and the pending queue), connection pools,
-//! retries, timeouts and outlier detection.
+//! The policies' run-time parts, independent of any connection: circuit
+//! breaking (limits, budgets and their permits), outlier detection, and the
+//! retry back-off. The proxy applies them; connection pools live with it
+//! (`proxy::upstream`).
 
 pub mod breaker;
 pub mod outlier;
-pub mod pool;
 pub mod retry;

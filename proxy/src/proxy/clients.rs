@@ -1,8 +1,8 @@
-//! Per-(client pod, cluster) upstream state: endpoints with their in-flight
-//! counts, outlier state and connection pools; the load balancer; circuit
-//! breaker counters; Envoy's cluster stats.
+//! Client pods and their per-cluster upstream state: endpoints with their
+//! in-flight counts, outlier state and connection pools; the load balancer;
+//! circuit breaker counters; Envoy's cluster stats.
 //!
-//! A client pod's clusters hang off its [`ClientState`], found once per
+//! A client pod's clusters hang off its [`ClientPod`], found once per
 //! downstream connection, so no lock shared between client pods sits on the
 //! request path. Configuration changes swap a [`ClusterConfig`] in; endpoint
 //! state (pools, ejections, counters) survives them.
@@ -17,13 +17,13 @@ use arc_swap::ArcSwap;
 
 use super::ConnContext;
 use super::route::{self, RouteDecision};
+use super::upstream::{ConnSettings, EndpointPool, Lease};
 use crate::lb::{self, Balancer, BalancerConfig};
 use crate::redirect::netns::Dialer;
 use crate::resilience::breaker::{Breaker, Budgets, ClientBudget, Limits, NodeBudget, Permit};
 use crate::resilience::outlier::{
     AttemptResult, HostOutlier, OutlierConfig, OutlierDetector, OutlierStats,
 };
-use crate::resilience::pool::{ConnSettings, EndpointPool, Lease};
 use crate::state::{Endpoint, LbPolicy, Snapshot, TrafficPolicy, Workload};
 use crate::telemetry::stats::{ClusterStats, PeerLabels, RequestSeries, SeriesMap};
 
@@ -205,7 +205,7 @@ impl UpstreamHold {
 }
 
 /// One client pod: its share of the node budget and its clusters.
-pub struct ClientState {
+pub struct ClientPod {
     pub key: Arc<str>,
     pub source_workload: Arc<str>,
     pub source_namespace: Arc<str>,
@@ -221,7 +221,7 @@ pub struct ClientState {
     insert_lock: Mutex<()>,
 }
 
-impl ClientState {
+impl ClientPod {
     /// Clusters of this client with their stats (admin `/stats`).
     pub fn clusters(&self) -> Vec<Arc<ClientCluster>> {
         self.clusters.load().values().cloned().collect()
@@ -253,21 +253,21 @@ impl ClientState {
 #[derive(Default)]
 pub struct Pruned {
     /// Client pods no longer in the configuration.
-    pub clients: Vec<Arc<ClientState>>,
+    pub clients: Vec<Arc<ClientPod>>,
     /// Names of clusters whose Service port no longer exists.
     pub clusters: HashSet<Arc<str>>,
 }
 
 /// All client pods seen on this node.
-pub struct ClusterRegistry {
+pub struct ClientRegistry {
     generation: AtomicU64,
     node: Arc<NodeBudget>,
-    clients: Mutex<HashMap<Arc<str>, Arc<ClientState>>>,
+    clients: Mutex<HashMap<Arc<str>, Arc<ClientPod>>>,
 }
 
-impl ClusterRegistry {
+impl ClientRegistry {
     pub fn new(node: NodeBudget) -> Self {
-        ClusterRegistry {
+        ClientRegistry {
             generation: AtomicU64::new(0),
             node: Arc::new(node),
             clients: Mutex::default(),
@@ -291,7 +291,7 @@ impl ClusterRegistry {
         source_namespace: Arc<str>,
         workload: Option<Arc<Workload>>,
         dialer: &Dialer,
-    ) -> Arc<ClientState> {
+    ) -> Arc<ClientPod> {
         let mut clients = self.clients.lock().expect("registry lock");
         // A pod enrolled again (new network namespace) starts afresh.
         if let Some(existing) = clients.get(&key)
@@ -302,7 +302,7 @@ impl ClusterRegistry {
         clients
             .entry(key.clone())
             .or_insert_with(|| {
-                Arc::new(ClientState {
+                Arc::new(ClientPod {
                     key,
                     source_workload,
                     source_namespace,
@@ -317,7 +317,7 @@ impl ClusterRegistry {
             .clone()
     }
 
-    pub fn clients(&self) -> Vec<Arc<ClientState>> {
+    pub fn clients(&self) -> Vec<Arc<ClientPod>> {
         self.clients
             .lock()
             .expect("registry lock")
@@ -343,7 +343,7 @@ impl ClusterRegistry {
             .flat_map(|s| s.ports.iter().map(|p| (s.fqdn.as_str(), p.port)))
             .collect();
         let mut pruned = Pruned::default();
-        let kept: Vec<Arc<ClientState>> = {
+        let kept: Vec<Arc<ClientPod>> = {
             let mut clients = self.clients.lock().expect("registry lock");
             clients.retain(|key, client| {
                 let keep = match &client.workload {
@@ -388,7 +388,7 @@ impl ClusterRegistry {
         cluster_name: Arc<str>,
     ) -> Arc<ClientCluster> {
         let generation = self.generation.load(Ordering::Relaxed);
-        let client = &conn.client_state;
+        let client = &conn.client_pod;
         // Lock-free on the request path; the map is copied only when a new cluster appears.
         let existing = client.clusters.load().get(&cluster_name).cloned();
         let cluster = match existing {

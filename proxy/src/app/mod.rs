@@ -1,8 +1,10 @@
-//! Starting, reloading and stopping the proxy: what `nodeway run` does.
+//! Starting, reloading and stopping the proxy: what `nodeway run` does. The
+//! top layer: it wires configuration sources (`reload`), the proxy, the eBPF
+//! redirect and its enrolled pods (`enroll`) and the admin servers together.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,14 +12,22 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod enroll;
+mod reload;
+
 use crate::admin;
+use crate::admin::metrics::Retired;
+use crate::config::LoadOptions;
 use crate::config::kube::{KubeError, KubeOptions, KubeSource};
-use crate::config::{self, LoadOptions, Problem, Problems};
-use crate::proxy::{ProxySettings, Shared};
+use crate::proxy::{Proxy, ProxySettings};
 use crate::redirect::OriginalDst;
 use crate::redirect::ebpf::{EbpfOptions, EbpfRedirect};
-use crate::redirect::enroll::{EnrolledPod, Enroller};
+use crate::status::{ConfigStatus, ProgramStatus, RedirectStatus};
 use crate::telemetry::access_log::{AccessLogTarget, AccessLogger};
+use enroll::Enroller;
+use reload::{ExtraFile, Installer, KubeConfig, load, watch_config};
+
+use crate::config::Problem;
 
 /// Everything `nodeway run` is told. Defaults are the CLI's.
 #[derive(Debug, Clone)]
@@ -115,60 +125,13 @@ pub fn render_problems(problems: &[Problem]) -> String {
         .join("\n")
 }
 
-/// Outcome of the latest configuration (re)load, for the admin API.
-#[derive(Debug)]
-pub struct ConfigStatus {
-    /// Increases with every configuration installed (1 = the initial one).
-    pub generation: AtomicU64,
-    pub last_error: std::sync::Mutex<Option<String>>,
-    /// What the eBPF data path is doing (admin `/redirect`).
-    pub redirect: std::sync::Mutex<RedirectStatus>,
-    /// Whether the configuration source answers: the Kubernetes API server
-    /// (its latest request), or the file (its latest read). While it does
-    /// not, the last known configuration is served
-    /// (`nodeway_config_source_up`).
-    pub source_up: Arc<AtomicBool>,
-}
-
-impl Default for ConfigStatus {
-    fn default() -> Self {
-        ConfigStatus {
-            generation: AtomicU64::new(0),
-            last_error: std::sync::Mutex::default(),
-            redirect: std::sync::Mutex::default(),
-            source_up: Arc::new(AtomicBool::new(true)),
-        }
-    }
-}
-
-/// The eBPF data path as the admin API reports it.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct RedirectStatus {
-    /// `off`, `ebpf`, or `failed` (loading failed; serving without redirect).
-    pub mode: &'static str,
-    pub error: Option<String>,
-    pub cgroup: Option<String>,
-    pub sockmap: bool,
-    /// Attached programs and their kernel ids (`bpftool prog show id N`).
-    pub programs: Vec<ProgramStatus>,
-    pub enrolled: Vec<EnrolledPod>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ProgramStatus {
-    pub name: &'static str,
-    pub id: u32,
-    /// Where it is attached.
-    pub attach: String,
-}
-
 /// A running proxy.
 pub struct Running {
     pub outbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     /// Where `/metrics` is served.
     pub metrics_addr: SocketAddr,
-    pub shared: Arc<Shared>,
+    pub proxy: Arc<Proxy>,
     pub status: Arc<ConfigStatus>,
     shutdown: CancellationToken,
     connections: TaskTracker,
@@ -193,7 +156,7 @@ impl Running {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached with requests in flight");
         }
         // The finished requests' lines are queued; make sure they reach the file.
-        let logger = self.shared.logger.clone();
+        let logger = self.proxy.logger.clone();
         let _ = tokio::task::spawn_blocking(move || logger.flush(Duration::from_secs(2))).await;
         drained
     }
@@ -290,7 +253,7 @@ pub async fn start(
         Some(ebpf) => ebpf.clone(),
         None => original_dst,
     };
-    let shared = Arc::new(Shared::new(
+    let proxy = Arc::new(Proxy::new(
         loaded,
         logger,
         opts.settings.clone(),
@@ -329,7 +292,7 @@ pub async fn start(
     let connections = TaskTracker::new();
     tokio::spawn(crate::proxy::serve_outbound(
         outbound,
-        shared.clone(),
+        proxy.clone(),
         shutdown.clone(),
         connections.clone(),
         None,
@@ -339,16 +302,16 @@ pub async fn start(
             let mut enroller = Enroller::new(
                 ebpf,
                 opts.node.clone(),
-                shared.clone(),
+                proxy.clone(),
                 shutdown.clone(),
                 connections.clone(),
             );
-            enroller.reconcile(&shared.snapshot.load());
+            enroller.reconcile(&proxy.snapshot.load());
             status.redirect.lock().expect("status lock").enrolled = enroller.enrolled();
             let enroller = Arc::new(Mutex::new(enroller));
             tokio::spawn(rescan_pods(
                 enroller.clone(),
-                shared.clone(),
+                proxy.clone(),
                 status.clone(),
                 shutdown.clone(),
             ));
@@ -358,21 +321,22 @@ pub async fn start(
     };
     tokio::spawn(admin::serve(
         admin_listener,
-        shared.clone(),
+        proxy.clone(),
         status.clone(),
         shutdown.clone(),
     ));
-    // The eBPF issue registers its collector on this registry (see `metrics::registry`).
-    let registry = crate::telemetry::metrics::registry(shared.clone(), status.clone());
-    tokio::spawn(crate::telemetry::metrics::serve(
+    let retired = Arc::new(Retired::default());
+    let registry = admin::metrics::registry(proxy.clone(), status.clone(), retired.clone());
+    tokio::spawn(admin::metrics::serve(
         metrics_listener,
         Arc::new(registry),
         shutdown.clone(),
     ));
     let installer = Installer {
-        shared: shared.clone(),
+        proxy: proxy.clone(),
         status: status.clone(),
         enroller: enroller.clone(),
+        retired,
     };
     match (source, &opts.config) {
         (Some(kube_config), _) => {
@@ -414,7 +378,7 @@ pub async fn start(
         outbound_addr,
         admin_addr,
         metrics_addr,
-        shared,
+        proxy,
         status,
         shutdown,
         connections,
@@ -423,26 +387,11 @@ pub async fn start(
     })
 }
 
-fn load(path: &std::path::Path, opts: &LoadOptions) -> Result<crate::state::Snapshot, StartError> {
-    match config::load_file(path, opts) {
-        Ok(loaded) => {
-            for w in &loaded.warnings {
-                tracing::warn!("{w}");
-            }
-            Ok(loaded.snapshot)
-        }
-        Err(problems) => Err(StartError::Config {
-            path: path.display().to_string(),
-            problems,
-        }),
-    }
-}
-
 /// Pods start processes and restart sandboxes without a configuration
 /// change: look again every few seconds for namespaces found or replaced.
 async fn rescan_pods(
     enroller: Arc<Mutex<Enroller>>,
-    shared: Arc<Shared>,
+    proxy: Arc<Proxy>,
     status: Arc<ConfigStatus>,
     shutdown: CancellationToken,
 ) {
@@ -451,7 +400,7 @@ async fn rescan_pods(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
-        let snapshot = shared.snapshot.load_full();
+        let snapshot = proxy.snapshot.load_full();
         // The scan reads /proc: keep it off the runtime's worker threads.
         let enroller = enroller.clone();
         let enrolled = tokio::task::spawn_blocking(move || {
@@ -462,237 +411,6 @@ async fn rescan_pods(
         .await;
         if let Ok(enrolled) = enrolled {
             status.redirect.lock().expect("status lock").enrolled = enrolled;
-        }
-    }
-}
-
-/// Polls the file (robust to editors and ConfigMap symlink swaps, unlike
-/// inotify) and installs each new valid version; a bad one is logged and the
-/// last good configuration stays.
-async fn watch_config(
-    path: PathBuf,
-    opts: LoadOptions,
-    every: Duration,
-    installer: Installer,
-    shutdown: CancellationToken,
-) {
-    let status = installer.status.clone();
-    let mut last = std::fs::read(&path).ok();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        let current = match tokio::fs::read(&path).await {
-            Ok(c) => c,
-            Err(err) => {
-                if status.source_up.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(path = %path.display(), %err, "cannot read config file; keeping the last good configuration");
-                }
-                continue;
-            }
-        };
-        status.source_up.store(true, Ordering::Relaxed);
-        if last.as_deref() == Some(current.as_slice()) {
-            continue;
-        }
-        last = Some(current);
-        // Loading a large file takes a while: off the runtime's workers,
-        // which carry traffic (and the admin API) meanwhile.
-        let loaded = {
-            let (path, opts) = (path.clone(), opts.clone());
-            tokio::task::spawn_blocking(move || load(&path, &opts)).await
-        };
-        let loaded = match loaded {
-            Ok(loaded) => loaded,
-            Err(err) => {
-                tracing::error!(%err, "config loader task failed; keeping the last good configuration");
-                continue;
-            }
-        };
-        match loaded {
-            Ok(snapshot) => {
-                let generation = installer.install(snapshot);
-                *status.last_error.lock().expect("status lock") = None;
-                tracing::info!(generation, "configuration reloaded");
-            }
-            Err(err) => {
-                tracing::error!("{err}\nkeeping the last good configuration");
-                *status.last_error.lock().expect("status lock") = Some(err.to_string());
-            }
-        }
-    }
-}
-
-/// What installing a new configuration touches.
-struct Installer {
-    shared: Arc<Shared>,
-    status: Arc<ConfigStatus>,
-    enroller: Option<Arc<Mutex<Enroller>>>,
-}
-
-impl Installer {
-    /// Installs `snapshot` for new requests (in-flight ones finish on theirs),
-    /// enrolls/unenrolls pods, and returns the new generation.
-    fn install(&self, snapshot: crate::state::Snapshot) -> u64 {
-        self.shared.install(snapshot);
-        if let Some(enroller) = &self.enroller {
-            let mut enroller = enroller.lock().expect("enroller lock");
-            enroller.reconcile(&self.shared.snapshot.load());
-            self.status.redirect.lock().expect("status lock").enrolled = enroller.enrolled();
-        }
-        self.status.generation.fetch_add(1, Ordering::Relaxed) + 1
-    }
-}
-
-/// Kubernetes mode: the watched objects, plus those of `--config` if given.
-struct KubeConfig {
-    source: KubeSource,
-    file: Option<ExtraFile>,
-    /// Problems already logged, so that each is logged once.
-    reported: std::collections::HashSet<String>,
-    /// Of the objects last built.
-    fingerprint: Option<u64>,
-}
-
-impl KubeConfig {
-    /// Builds a snapshot from the current objects, or `None` when nothing
-    /// changed since the last build. Objects with errors are left out (and
-    /// reported in the log and `last_reload_error`); the rest is used.
-    fn rebuild(
-        &mut self,
-        opts: &LoadOptions,
-        status: &ConfigStatus,
-    ) -> Option<crate::state::Snapshot> {
-        let mut assembled = self.source.assemble();
-        let mut fingerprint = assembled.fingerprint;
-        if let Some(file) = &self.file {
-            fingerprint = fingerprint.wrapping_mul(31).wrapping_add(file.hash);
-            if let Some(text) = &file.text {
-                let name = file.path.display().to_string();
-                config::parse_documents(
-                    &name,
-                    text,
-                    &mut assembled.objects,
-                    &mut assembled.problems,
-                );
-            }
-        }
-        if self.fingerprint == Some(fingerprint) {
-            return None;
-        }
-        self.fingerprint = Some(fingerprint);
-        let (snapshot, problems) = crate::state::build(&assembled.objects, opts);
-        let mut all = assembled.problems;
-        all.extend(problems);
-        self.report(&all, status);
-        Some(snapshot)
-    }
-
-    fn report(&mut self, problems: &Problems, status: &ConfigStatus) {
-        let mut now = std::collections::HashSet::new();
-        for (p, error) in problems
-            .errors
-            .iter()
-            .map(|p| (p, true))
-            .chain(problems.warnings.iter().map(|p| (p, false)))
-        {
-            let line = p.to_string();
-            if !self.reported.contains(&line) {
-                if error {
-                    tracing::error!("{line}; this object is skipped");
-                } else {
-                    tracing::warn!("{line}");
-                }
-            }
-            now.insert(line);
-        }
-        self.reported = now;
-        *status.last_error.lock().expect("status lock") = if problems.errors.is_empty() {
-            None
-        } else {
-            Some(format!(
-                "{} problem(s); the objects concerned are skipped, the rest is in use:\n{}",
-                problems.errors.len(),
-                render_problems(&problems.errors)
-            ))
-        };
-    }
-
-    /// Rebuilds after changes settle (`debounce`) and installs each new
-    /// configuration; the file, if any, is checked every `every`.
-    async fn watch(
-        mut self,
-        opts: LoadOptions,
-        debounce: Duration,
-        every: Duration,
-        installer: Installer,
-        shutdown: CancellationToken,
-    ) {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = self.source.changed() => {}
-                _ = tokio::time::sleep(every), if self.file.is_some() => {
-                    if !self.file.as_mut().is_some_and(ExtraFile::refresh) {
-                        continue;
-                    }
-                }
-            }
-            // Let a burst of events (a rollout, a relist) settle into one generation.
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(debounce) => {}
-            }
-            if let Some(snapshot) = self.rebuild(&opts, &installer.status) {
-                let generation = installer.install(snapshot);
-                tracing::info!(generation, "configuration updated from the Kubernetes API");
-            }
-        }
-    }
-}
-
-/// `--config` next to `--kubernetes`: its last readable content.
-struct ExtraFile {
-    path: PathBuf,
-    text: Option<String>,
-    hash: u64,
-    readable: bool,
-}
-
-impl ExtraFile {
-    fn new(path: PathBuf) -> ExtraFile {
-        let mut file = ExtraFile {
-            path,
-            text: None,
-            hash: 0,
-            readable: true,
-        };
-        file.refresh();
-        file
-    }
-
-    /// Reads the file again; `true` if its content changed. An unreadable
-    /// file keeps its last content.
-    fn refresh(&mut self) -> bool {
-        use std::hash::{Hash, Hasher};
-        match std::fs::read_to_string(&self.path) {
-            Ok(text) => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                text.hash(&mut h);
-                let hash = h.finish();
-                let changed = hash != self.hash;
-                self.hash = hash;
-                self.text = Some(text);
-                self.readable = true;
-                changed
-            }
-            Err(err) => {
-                if std::mem::replace(&mut self.readable, false) {
-                    tracing::warn!(path = %self.path.display(), %err, "cannot read config file; keeping its last content");
-                }
-                false
-            }
         }
     }
 }

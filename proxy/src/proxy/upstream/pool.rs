@@ -7,159 +7,22 @@
 //! cluster's pending queue (bounded by `http1MaxPendingRequests`) until a
 //! connection frees up, or overflows (`UO`) at once when the queue is full.
 
-use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
-use crate::redirect::netns::Dialer;
-
-use super::breaker::{Budgets, Limits, Permit};
+use super::connect::{ConnectFailure, SendFailure, classify_hyper, connect};
+use super::{ConnSettings, UpstreamProtocol};
 use crate::proxy::body::RequestBody;
-use crate::state::ConnectionPool;
+use crate::redirect::netns::Dialer;
+use crate::resilience::breaker::{Budgets, Limits, Permit};
 use crate::telemetry::stats::ClusterStats;
-
-/// Istio's default `connectTimeout`.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Istio's default HTTP `idleTimeout` for upstream connections.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamProtocol {
-    Http1,
-    Http2,
-}
-
-/// How connections of one cluster are made and kept (from `connectionPool`).
-#[derive(Debug, Clone)]
-pub struct ConnSettings {
-    pub connect_timeout: Duration,
-    /// `http.maxRequestsPerConnection` (1 disables keep-alive).
-    pub max_requests_per_connection: Option<u32>,
-    /// `http.idleTimeout` (or `tcp.idleTimeout`), default 1 h.
-    pub idle_timeout: Duration,
-    /// `tcp.maxConnectionDuration`.
-    pub max_connection_duration: Option<Duration>,
-    pub tcp_keepalive: Option<crate::state::TcpKeepalive>,
-    /// `http.maxConcurrentStreams`: streams per upstream HTTP/2 connection.
-    pub max_concurrent_streams: u32,
-    /// `http.h2UpgradePolicy: UPGRADE`: HTTP/1.1 ports talk HTTP/2 upstream.
-    pub h2_upgrade: bool,
-}
-
-impl Default for ConnSettings {
-    fn default() -> Self {
-        ConnSettings {
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            max_requests_per_connection: None,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            max_connection_duration: None,
-            tcp_keepalive: None,
-            max_concurrent_streams: u32::MAX,
-            h2_upgrade: false,
-        }
-    }
-}
-
-impl ConnSettings {
-    pub fn from_istio(pool: Option<&ConnectionPool>) -> Self {
-        let tcp = pool.and_then(|p| p.tcp.as_ref());
-        let http = pool.and_then(|p| p.http.as_ref());
-        let d = ConnSettings::default();
-        ConnSettings {
-            connect_timeout: tcp
-                .and_then(|t| t.connect_timeout)
-                .unwrap_or(d.connect_timeout),
-            max_requests_per_connection: http
-                .and_then(|h| h.max_requests_per_connection)
-                .filter(|n| *n > 0),
-            idle_timeout: http
-                .and_then(|h| h.idle_timeout)
-                .or_else(|| tcp.and_then(|t| t.idle_timeout))
-                .unwrap_or(d.idle_timeout),
-            max_connection_duration: tcp.and_then(|t| t.max_connection_duration),
-            tcp_keepalive: tcp.and_then(|t| t.tcp_keepalive.clone()),
-            max_concurrent_streams: http
-                .and_then(|h| h.max_concurrent_streams)
-                .filter(|n| *n > 0)
-                .unwrap_or(d.max_concurrent_streams),
-            h2_upgrade: http
-                .is_some_and(|h| h.h2_upgrade_policy == crate::state::H2UpgradePolicy::Upgrade),
-        }
-    }
-
-    fn reusable(&self, created: Instant, requests: u32, now: Instant) -> bool {
-        self.max_requests_per_connection
-            .is_none_or(|max| requests < max)
-            && self
-                .max_connection_duration
-                .is_none_or(|d| now - created < d)
-    }
-}
-
-/// Why a connection to an endpoint could not be made (Envoy `UF`).
-#[derive(Debug)]
-pub enum ConnectFailure {
-    /// The peer refused or the network said no: Envoy's `remote_connection_failure`.
-    Remote(io::Error),
-    /// The local stack could not even try: `local_connection_failure`.
-    Local(io::Error),
-    /// `connectTimeout` elapsed: `connection_timeout`.
-    Timeout,
-}
-
-impl ConnectFailure {
-    /// Envoy's reset reason name.
-    pub fn reset_reason(&self) -> &'static str {
-        match self {
-            ConnectFailure::Remote(_) => "remote_connection_failure",
-            ConnectFailure::Local(_) => "local_connection_failure",
-            ConnectFailure::Timeout => "connection_timeout",
-        }
-    }
-
-    /// Envoy's `upstream_transport_failure_reason`, spaces as underscores.
-    pub fn transport_failure_reason(&self) -> Option<String> {
-        match self {
-            ConnectFailure::Remote(err) | ConnectFailure::Local(err) => {
-                Some(format!("delayed connect error: {}", strerror(err)).replace(' ', "_"))
-            }
-            ConnectFailure::Timeout => None,
-        }
-    }
-}
-
-/// The OS's text for an error, without Rust's ` (os error N)` suffix.
-fn strerror(err: &io::Error) -> String {
-    let text = err.to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
-
-/// Failure of one attempt before response headers arrived.
-#[derive(Debug)]
-pub enum SendFailure {
-    Connect(ConnectFailure),
-    /// The connection closed or was reset before response headers (`UC`).
-    ConnectionTermination(String),
-    /// HTTP/2 stream reset by the upstream (`UR`); `refused` for REFUSED_STREAM.
-    RemoteReset {
-        refused: bool,
-    },
-    /// The upstream spoke invalid HTTP (`UPE`).
-    Protocol(String),
-    /// A circuit-breaker limit said no (`UO`).
-    Overflow,
-}
 
 /// The connection (or stream) an upstream response is using; released when
 /// the response body ends cleanly, dropped (closing it) otherwise.
@@ -552,110 +415,4 @@ async fn send_h2(stream: H2Stream, req: http::Request<RequestBody>) -> Result<Se
         local: stream.conn.local,
         lease: Some(Lease::Http2 { stream }),
     })
-}
-
-/// Opens a TCP connection with Istio's `connectTimeout` and `tcpKeepalive`.
-pub async fn connect(
-    addr: SocketAddr,
-    settings: &ConnSettings,
-    dialer: &Dialer,
-) -> Result<(TcpStream, SocketAddr), ConnectFailure> {
-    let socket = dialer.tcp_socket(addr).map_err(ConnectFailure::Local)?;
-    socket.set_nodelay(true).map_err(ConnectFailure::Local)?;
-    if let Some(ka) = &settings.tcp_keepalive {
-        let mut keepalive = socket2::TcpKeepalive::new();
-        if let Some(t) = ka.time {
-            keepalive = keepalive.with_time(t);
-        }
-        if let Some(i) = ka.interval {
-            keepalive = keepalive.with_interval(i);
-        }
-        if let Some(p) = ka.probes {
-            keepalive = keepalive.with_retries(p);
-        }
-        socket2::SockRef::from(&socket)
-            .set_tcp_keepalive(&keepalive)
-            .map_err(ConnectFailure::Local)?;
-    }
-    match tokio::time::timeout(settings.connect_timeout, socket.connect(addr)).await {
-        Err(_) => Err(ConnectFailure::Timeout),
-        Ok(Err(err)) => Err(match err.kind() {
-            io::ErrorKind::AddrNotAvailable
-            | io::ErrorKind::AddrInUse
-            | io::ErrorKind::PermissionDenied => ConnectFailure::Local(err),
-            _ => ConnectFailure::Remote(err),
-        }),
-        Ok(Ok(stream)) => {
-            let local = stream.local_addr().map_err(ConnectFailure::Local)?;
-            Ok((stream, local))
-        }
-    }
-}
-
-/// Maps a hyper client error before response headers to Envoy's categories.
-pub fn classify_hyper(err: hyper::Error) -> SendFailure {
-    if let Some(h2) = find_source::<h2::Error>(&err) {
-        if let Some(reason) = h2.reason() {
-            if h2.is_remote() && !h2.is_go_away() {
-                return SendFailure::RemoteReset {
-                    refused: reason == h2::Reason::REFUSED_STREAM,
-                };
-            }
-            if reason == h2::Reason::PROTOCOL_ERROR {
-                return SendFailure::Protocol(err.to_string());
-            }
-        }
-        return SendFailure::ConnectionTermination(err.to_string());
-    }
-    if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
-        return SendFailure::Protocol(err.to_string());
-    }
-    SendFailure::ConnectionTermination(err.to_string())
-}
-
-/// Walks an error's source chain looking for a specific type.
-pub fn find_source<'a, T: std::error::Error + 'static>(
-    err: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a T> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(found) = e.downcast_ref::<T>() {
-            return Some(found);
-        }
-        cur = e.source();
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refused_reason_reads_like_envoy() {
-        let f = ConnectFailure::Remote(io::Error::from_raw_os_error(111));
-        assert_eq!(
-            f.transport_failure_reason().as_deref(),
-            Some("delayed_connect_error:_Connection_refused")
-        );
-        assert_eq!(f.reset_reason(), "remote_connection_failure");
-    }
-
-    #[test]
-    fn keep_alive_rules() {
-        let s = ConnSettings {
-            max_requests_per_connection: Some(1),
-            ..ConnSettings::default()
-        };
-        let now = Instant::now();
-        assert!(
-            !s.reusable(now, 1, now),
-            "maxRequestsPerConnection: 1 disables keep-alive"
-        );
-        let s = ConnSettings {
-            max_connection_duration: Some(Duration::from_millis(10)),
-            ..ConnSettings::default()
-        };
-        assert!(!s.reusable(now - Duration::from_millis(20), 0, now));
-    }
 }

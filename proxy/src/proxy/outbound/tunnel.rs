@@ -1,21 +1,17 @@
 //! HTTP/1.1 Upgrade (WebSocket and friends): after `101`, bytes flow both
 //! ways untouched; the access log line is written when the tunnel closes.
 
-use std::sync::Arc;
-
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::Shared;
-use super::body::Exchange;
-use super::cluster::UpstreamHold;
+use crate::proxy::body::Exchange;
+use crate::proxy::clients::UpstreamHold;
 
 /// `_hold` keeps the request slot and in-flight count for the tunnel's life.
 pub async fn splice_upgrade(
     downstream: OnUpgrade,
     upstream: OnUpgrade,
     mut exchange: Box<Exchange>,
-    _shared: Arc<Shared>,
     _hold: Option<UpstreamHold>,
 ) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {

@@ -19,11 +19,12 @@ use nodeway_ebpf_common::{ENROLLED_IPV6, INBOUND_PORT, OUTBOUND_PORT};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::discover::{netns_identity, pod_netns};
-use super::ebpf::{EbpfRedirect, Enrolled};
-use super::netns::{Dialer, Netns};
-use crate::proxy::{ListenerPod, Shared, serve_inbound, serve_outbound};
+use crate::proxy::{ListenerPod, Proxy, serve_inbound, serve_outbound};
+use crate::redirect::discover::{netns_identity, pod_netns};
+use crate::redirect::ebpf::{EbpfRedirect, Enrolled};
+use crate::redirect::netns::{Dialer, Netns};
 use crate::state::{Snapshot, Workload};
+use crate::status::EnrolledPod;
 
 struct PodEntry {
     netns_path: PathBuf,
@@ -33,21 +34,13 @@ struct PodEntry {
     stop: CancellationToken,
 }
 
-/// What `/config_dump` and tests see of one enrolled pod.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct EnrolledPod {
-    pub pod: String,
-    pub netns: String,
-    pub netns_cookie: u64,
-}
-
 /// A pod to enroll: its workload, namespace file and namespace identity.
 type Wanted<'a> = (&'a Arc<Workload>, PathBuf, (u64, u64));
 
 pub struct Enroller {
     ebpf: Arc<EbpfRedirect>,
     node: Option<String>,
-    shared: Arc<Shared>,
+    proxy: Arc<Proxy>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     pods: HashMap<String, PodEntry>,
@@ -61,14 +54,14 @@ impl Enroller {
     pub fn new(
         ebpf: Arc<EbpfRedirect>,
         node: Option<String>,
-        shared: Arc<Shared>,
+        proxy: Arc<Proxy>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Enroller {
         Enroller {
             ebpf,
             node,
-            shared,
+            proxy,
             shutdown,
             tracker,
             pods: HashMap::new(),
@@ -216,7 +209,7 @@ impl Enroller {
         for listener in std::iter::once(outbound).chain(outbound6) {
             tokio::spawn(serve_outbound(
                 listener,
-                self.shared.clone(),
+                self.proxy.clone(),
                 stop.clone(),
                 self.tracker.clone(),
                 Some(pod.clone()),
@@ -224,7 +217,7 @@ impl Enroller {
         }
         tokio::spawn(serve_inbound(
             inbound,
-            self.shared.clone(),
+            self.proxy.clone(),
             stop.clone(),
             self.tracker.clone(),
             pod,

@@ -8,27 +8,24 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
-use std::net::{IpAddr, SocketAddr};
-
 use tokio::net::TcpStream;
 
-use crate::redirect::netns::Dialer;
-
-use super::cluster::InFlight;
-use super::route::{RouteDecision, ServiceTarget, default_retry_policy};
-use super::{ConnContext, Shared};
 use crate::lb::PickContext;
+use crate::proxy::clients::InFlight;
+use crate::proxy::route::{RouteDecision, ServiceTarget, default_retry_policy};
+use crate::proxy::upstream::{ConnectFailure, connect};
+use crate::proxy::{ConnContext, Proxy};
 use crate::resilience::outlier::AttemptResult;
-use crate::resilience::pool::{ConnectFailure, DEFAULT_CONNECT_TIMEOUT, connect};
 use crate::telemetry::access_log::AccessLogEntry;
 use crate::telemetry::stats::{ClusterStats, PROTOCOL_TCP, PeerLabels, SeriesKey};
 use crate::telemetry::{ResponseFlag, ResponseFlags};
 
-pub async fn proxy(
+/// Envoy's `tcp_proxy` for one connection to a Service port.
+pub(super) async fn serve_service(
     mut downstream: TcpStream,
     ctx: Arc<ConnContext>,
     target: ServiceTarget,
-    shared: Arc<Shared>,
+    proxy: Arc<Proxy>,
 ) {
     let started = Instant::now();
     let mut entry = AccessLogEntry::new(
@@ -47,13 +44,13 @@ pub async fn proxy(
     };
     let cluster_name: Arc<str> = Arc::from(decision.cluster_name());
     entry.upstream_cluster = Some(cluster_name.clone());
-    let snap = shared.snapshot.load_full();
+    let snap = proxy.snapshot.load_full();
     let client_ns = ctx
         .client
         .as_ref()
         .map_or("default", |w| w.namespace.as_str());
-    let cluster = shared
-        .clusters
+    let cluster = proxy
+        .clients
         .resolve(&snap, &ctx, client_ns, &decision, cluster_name);
     drop(snap);
     let config = cluster.config().clone();
@@ -77,7 +74,7 @@ pub async fn proxy(
                 s.received_bytes
                     .fetch_add(entry.bytes_received, Ordering::Relaxed);
             });
-        shared.logger.log(entry);
+        proxy.logger.log(entry);
     };
     let opened = |peer: &Arc<PeerLabels>| {
         cluster
@@ -110,7 +107,7 @@ pub async fn proxy(
     };
     let _in_flight = InFlight::start(slot.clone(), cluster.stats.clone());
     let connect_started = Instant::now();
-    match connect(slot.addr, &config.settings, &ctx.client_state.dialer).await {
+    match connect(slot.addr, &config.settings, &ctx.client_pod.dialer).await {
         Err(failure) => {
             cluster.record(&config, index, AttemptResult::ConnectFailed);
             ClusterStats::inc(match failure {
@@ -149,61 +146,4 @@ pub async fn proxy(
     }
     drop(permit);
     finish(entry, &peer);
-}
-
-/// Bytes both ways to a fixed destination, outside any Service cluster:
-/// Istio's `PassthroughCluster` (outbound) and `inbound|PORT||` clusters.
-/// `entry` arrives with the downstream side and cluster filled in; the line
-/// is written when both sides are done.
-pub async fn relay(
-    mut downstream: TcpStream,
-    mut entry: AccessLogEntry,
-    dst: SocketAddr,
-    dialer: &Dialer,
-    bind: Option<IpAddr>,
-    shared: &Shared,
-) {
-    let started = Instant::now();
-    entry.upstream_host = Some(dst);
-    entry.upstream_request_attempt_count = 1;
-    let connected = async {
-        let socket = dialer.tcp_socket(dst)?;
-        if let Some(ip) = bind {
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        match tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, socket.connect(dst)).await {
-            Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timeout",
-            )),
-        }
-    }
-    .await;
-    match connected {
-        Err(err) => {
-            entry
-                .response_flags
-                .set(ResponseFlag::UpstreamConnectionFailure);
-            entry.upstream_transport_failure_reason = Some(err.to_string());
-        }
-        Ok(mut upstream) => {
-            let _ = upstream.set_nodelay(true);
-            entry.upstream_local_address = upstream.local_addr().ok();
-            match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-                Ok((from_client, from_upstream)) => {
-                    entry.bytes_received += from_client;
-                    entry.bytes_sent += from_upstream;
-                }
-                Err(err) => {
-                    tracing::debug!(%err, %dst, "relayed connection ended with an error");
-                    entry
-                        .response_flags
-                        .set(ResponseFlag::UpstreamConnectionTermination);
-                }
-            }
-        }
-    }
-    entry.duration = started.elapsed();
-    shared.logger.log(entry);
 }
