@@ -16,16 +16,15 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
-use super::{
-    AppProtocol, ConnectionPool, ConsistentHashKey, DestinationRule, Endpoint, H2UpgradePolicy,
-    HttpMatch, HttpRoute, HttpSettings, Labels, LbPolicy, LoadBalancer, Locality,
-    LocalityLbSetting, NodeInfo, ObjectKey, OutlierDetection, RetryPolicy, RouteDestination,
-    Service, ServicePort, SimpleLb, Snapshot, StringMatch, Subset, TcpKeepalive, TcpSettings,
-    TrafficPolicy, VirtualService, Workload,
-};
 use crate::config::duration::{DurationError, parse_duration};
 use crate::config::{LoadOptions, Objects, Origin, Problem, Problems, istio};
-use crate::resilience::retry::{InvalidRetryOn, RetryOn};
+use crate::state::{
+    AppProtocol, ConnectionPool, ConsistentHashKey, DestinationRule, Endpoint, H2UpgradePolicy,
+    HttpMatch, HttpRoute, HttpSettings, InvalidRetryOn, Labels, LbPolicy, LoadBalancer, Locality,
+    LocalityLbSetting, NodeInfo, ObjectKey, OutlierDetection, RetryOn, RetryPolicy,
+    RouteDestination, Service, ServicePort, SimpleLb, Snapshot, StringMatch, Subset, TcpKeepalive,
+    TcpSettings, TrafficPolicy, VirtualService, Workload,
+};
 
 /// Pod label with Istio's locality override, `region.zone[.subzone]`.
 const ISTIO_LOCALITY_LABEL: &str = "istio-locality";
@@ -323,7 +322,7 @@ impl<'o> Seen<'o> {
 
 /// Validates `objects` and resolves them into a snapshot. Problems are
 /// returned, not logged; objects with errors are left out of the snapshot.
-pub fn build(objects: &Objects, opts: &LoadOptions) -> (Snapshot, Problems) {
+pub fn resolve(objects: &Objects, opts: &LoadOptions) -> (Snapshot, Problems) {
     let mut problems = Problems::default();
     let mut seen = Seen::default();
     let mut snapshot = Snapshot {
