@@ -153,7 +153,7 @@ impl KubeConfig {
             return None;
         }
         self.fingerprint = Some(fingerprint);
-        let (snapshot, problems) = crate::state::build(&assembled.objects, opts);
+        let (snapshot, problems) = crate::config::resolve::resolve(&assembled.objects, opts);
         let mut all = assembled.problems;
         all.extend(problems);
         self.report(&all, status);

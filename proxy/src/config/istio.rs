@@ -1,7 +1,7 @@
 //! Istio `networking.istio.io` objects as written by users (camelCase YAML/JSON).
 //!
 //! These structs only capture shape; values stay raw (durations as strings,
-//! enums as strings, integers as `i64`) so that `state::build` can validate
+//! enums as strings, integers as `i64`) so that `config::resolve` can validate
 //! every field and report all problems of a document at once instead of
 //! stopping at the first one serde meets. Fields Nodeway does not implement
 //! are left out on purpose: [`deserialize_spec`] reports them as warnings.

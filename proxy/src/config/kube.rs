@@ -1,7 +1,7 @@
 //! Kubernetes mode: kube-rs watchers keep reflector stores of the objects
 //! Nodeway reads, and [`KubeSource::assemble`] turns the stores into the same
 //! [`Objects`] the file mode parses, so both modes share validation and the
-//! snapshot build ([`crate::state::build`]).
+//! snapshot build ([`crate::config::resolve::resolve`]).
 //!
 //! Watched, with get/list/watch only (nothing is ever written):
 //! - Namespaces, Services, EndpointSlices: all, full objects;
@@ -111,7 +111,7 @@ pub enum KubeError {
     Client(#[from] kube::Error),
 }
 
-/// The objects of the stores as input for [`crate::state::build`].
+/// The objects of the stores as input for [`crate::config::resolve::resolve`].
 #[derive(Debug, Default)]
 pub struct Assembled {
     pub objects: Objects,

@@ -3,8 +3,8 @@
 //! Loading has two stages so that other sources can reuse the second one:
 //! 1. parsing turns YAML documents into typed [`Objects`] (each remembering its
 //!    [`Origin`]); a Kubernetes-API mode can fill `Objects` from watches instead;
-//! 2. [`crate::state::build`] validates the objects and resolves them into a
-//!    `Snapshot`.
+//! 2. [`resolve::resolve`] validates the objects and resolves them into a
+//!    `Snapshot` (the types of [`crate::state`]), one submodule per object kind.
 //!
 //! Every problem is reported, not just the first: parsing continues with the
 //! next document after an error, and validation collects all problems of an
@@ -14,6 +14,7 @@ pub mod duration;
 pub mod istio;
 pub mod kube;
 mod parse;
+pub mod resolve;
 
 use std::fmt;
 use std::path::Path;
@@ -154,7 +155,7 @@ pub fn load_str(source_name: &str, yaml: &str, opts: &LoadOptions) -> Result<Loa
     let mut objects = Objects::default();
     let mut problems = Problems::default();
     parse_documents(source_name, yaml, &mut objects, &mut problems);
-    let (snapshot, build_problems) = crate::state::build(&objects, opts);
+    let (snapshot, build_problems) = resolve::resolve(&objects, opts);
     problems.extend(build_problems);
 
     // Parsing and building find problems in different passes; present them in

@@ -2,8 +2,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::*;
-use crate::resilience::retry::RetryOn;
-use crate::state::{AppProtocol, LbPolicy, Locality, SimpleLb};
+use crate::state::{AppProtocol, LbPolicy, Locality, RetryOn, SimpleLb};
 
 const LOCAL_YAML: &str = include_str!("../../../deploy/examples/local.yaml");
 
@@ -1105,7 +1104,7 @@ fn objects_can_be_built_without_yaml() {
         virtual_services: vec![Item::new(origin, istio::VirtualService { metadata, spec })],
         ..Objects::default()
     };
-    let (snapshot, problems) = crate::state::build(&objects, &LoadOptions::default());
+    let (snapshot, problems) = resolve::resolve(&objects, &LoadOptions::default());
     assert!(problems.errors.is_empty());
     let warnings: Vec<String> = problems.warnings.iter().map(|w| w.to_string()).collect();
     assert_eq!(

@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use http::request::Parts;
 
-use crate::resilience::retry::RetryOn;
 use crate::state::{
-    DestinationRule, HttpMatch, HttpRoute, ObjectKey, RetryPolicy, Service, Snapshot,
+    DestinationRule, HttpMatch, HttpRoute, ObjectKey, RetryOn, RetryPolicy, Service, Snapshot,
     TrafficPolicy, VirtualService, Workload,
 };
 

@@ -9,7 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::resilience::retry::RetryOn;
+mod retry_on;
+pub use retry_on::{InvalidRetryOn, RetryOn};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -332,6 +333,3 @@ pub struct RetryPolicy {
     pub retry_on: RetryOn,
     pub retry_remote_localities: bool,
 }
-
-mod build;
-pub use build::{build, resolve_short_name};
