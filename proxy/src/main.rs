@@ -139,10 +139,10 @@ struct RunArgs {
     #[arg(long, default_value = "info")]
     log_level: String,
     /// Longest wait for in-flight requests after SIGTERM/SIGINT.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = go_duration)]
     drain_timeout: Duration,
     /// Clients must finish sending request headers within this time.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = go_duration)]
     request_header_timeout: Duration,
     /// Node-wide cap on upstream connections across all client pods.
     #[arg(long, default_value_t = 16384)]
@@ -169,6 +169,12 @@ struct RunArgs {
     cgroup: Option<PathBuf>,
     #[command(flatten)]
     mesh: MeshArgs,
+}
+
+/// Durations on the command line use the grammar of the config's (Go's,
+/// as Istio's fields): `500ms`, `5s`, `1m30s`.
+fn go_duration(text: &str) -> Result<Duration, String> {
+    config::duration::parse_duration(text).map_err(|err| err.to_string())
 }
 
 fn main() -> ExitCode {

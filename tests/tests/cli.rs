@@ -327,3 +327,30 @@ fn run_reports_a_busy_port_clearly() {
         "{stderr}"
     );
 }
+
+/// The command line takes durations in the config's grammar (Go's), so one
+/// spelling works everywhere a user types a duration.
+#[test]
+fn command_line_durations_use_the_config_grammar() {
+    let run = |value: &str| {
+        Command::new(nodeway_bin())
+            .args(["run", "--config", "/nonexistent/nodeway.yaml"])
+            .args(["--drain-timeout", value])
+            .output()
+            .unwrap()
+    };
+    let out = run("1min");
+    assert_eq!(out.status.code(), Some(2), "clap rejects the value");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid value '1min' for '--drain-timeout <DRAIN_TIMEOUT>'")
+            && stderr.contains("unknown unit \"min\""),
+        "{stderr}"
+    );
+    // Accepted: the process gets past argument parsing and fails on the
+    // missing file instead.
+    let out = run("1m30s");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent/nodeway.yaml"), "{stderr}");
+}

@@ -632,7 +632,13 @@ fn ejection_and_locality_failover_hold_through_the_redirect() {
     // attempts in all, however the retries spread over the priorities.
     let total: u32 = attempts.iter().map(|a| a.parse::<u32>().unwrap()).sum();
     assert_eq!(total, 8 + 2, "{attempts:?}");
-    assert!(attempts[4..].iter().all(|a| *a == "1"), "{attempts:?}");
+    // When the second zone-a host is first picked is random (with one host
+    // ejected, zone-a keeps 70% of the load: Envoy's overprovisioning), so
+    // the extra attempts may come in any request, at most both in one.
+    assert!(
+        attempts.iter().all(|a| matches!(*a, "1" | "2" | "3")),
+        "{attempts:?}"
+    );
     let endpoints = mesh
         .admin_json("/endpoints?format=json")
         .expect("/endpoints");

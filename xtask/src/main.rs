@@ -23,10 +23,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
-        Some("demo") => demo(&args[1..]),
+        // Every command that builds installs what is missing first.
+        Some("demo") => setup().and_then(|_| demo(&args[1..])),
         Some("test") => setup().and_then(|_| test()),
         Some("bench") => setup().and_then(|_| bench(&args[1..])),
-        Some("bench-scrape") => bench_scrape(),
+        Some("bench-scrape") => setup().and_then(|_| bench_scrape()),
         _ => {
             eprintln!(
                 "usage: cargo xtask <setup|demo [--loopback] [--once]|test|bench [--quick|--smoke]|bench-scrape>"

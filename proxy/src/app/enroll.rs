@@ -132,7 +132,8 @@ impl Enroller {
     }
 
     /// Enrolls new pods and unenrolls departed ones. Failures are logged
-    /// per pod and retried at the next configuration change.
+    /// per pod and retried at the next reconcile (a configuration change or the
+    /// periodic rescan, every 2 s).
     pub fn reconcile(&mut self, snap: &Snapshot) {
         let wanted = self.wanted(snap);
         let gone: Vec<String> = self

@@ -37,7 +37,9 @@ pub struct RunOptions {
     pub config: Option<PathBuf>,
     /// `--kubernetes`: objects from the API server (watched).
     pub kubernetes: Option<KubeOptions>,
-    /// Where redirected pod connections arrive (default `127.0.0.1:15001`).
+    /// The node-side outbound listener (default `127.0.0.1:15001`): clients
+    /// redirected by iptables or naming the proxy; with eBPF, enrolled pods
+    /// reach their in-pod listeners instead.
     pub outbound_addr: SocketAddr,
     /// Admin API, loopback by default (`127.0.0.1:15000`).
     pub admin_addr: SocketAddr,

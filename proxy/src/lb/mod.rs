@@ -12,10 +12,9 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use crate::state::{Endpoint, Labels, LbPolicy, Locality, LocalityLbSetting, SimpleLb};
+use crate::state::{Labels, LbPolicy, Locality, LocalityLbSetting, SimpleLb};
 
 mod hash;
 mod locality;
@@ -573,23 +572,4 @@ fn random_eligible<H: Host>(
         }
     }
     first
-}
-
-// ---------------------------------------------------------------------------
-// Legacy round robin, kept until the callers move to `Balancer`.
-// ---------------------------------------------------------------------------
-
-/// Picks the next endpoint not in `tried`; when all were tried, the next one.
-/// `endpoints` must not be empty.
-pub fn pick<'a>(
-    endpoints: &'a [Arc<Endpoint>],
-    tried: &[SocketAddr],
-    cursor: &AtomicUsize,
-) -> &'a Arc<Endpoint> {
-    let n = endpoints.len();
-    let start = cursor.fetch_add(1, Ordering::Relaxed);
-    (0..n)
-        .map(|i| &endpoints[(start + i) % n])
-        .find(|e| !tried.contains(&e.addr))
-        .unwrap_or(&endpoints[start % n])
 }

@@ -1,9 +1,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use super::*;
-use crate::state::{ConsistentHashKey, Endpoint, Labels, LbPolicy, Locality, SimpleLb};
+use crate::state::{ConsistentHashKey, Labels, LbPolicy, Locality, SimpleLb};
 
 struct TestHost {
     addr: SocketAddr,
@@ -818,32 +818,4 @@ fn tried_hosts_avoided_within_the_chosen_priority() {
     for _ in 0..500 {
         assert_eq!(b.pick(&hs, &ctx), Some(2));
     }
-}
-
-// ---------------------------------------------------------------------------
-// Legacy `pick`
-// ---------------------------------------------------------------------------
-
-fn ep(port: u16) -> Arc<Endpoint> {
-    Arc::new(Endpoint {
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        ready: true,
-        locality: Locality::default(),
-        node_name: None,
-        pod: None,
-    })
-}
-
-#[test]
-fn legacy_pick_skips_tried_hosts_until_all_tried() {
-    let eps = vec![ep(1), ep(2), ep(3)];
-    let cursor = AtomicUsize::new(0);
-    let mut tried = vec![];
-    for _ in 0..3 {
-        let e = pick(&eps, &tried, &cursor);
-        assert!(!tried.contains(&e.addr));
-        tried.push(e.addr);
-    }
-    // All tried: still answers.
-    pick(&eps, &tried, &cursor);
 }

@@ -249,7 +249,7 @@ impl ClientPod {
     }
 }
 
-/// What [`ClusterRegistry::prune`] dropped.
+/// What [`ClientRegistry::prune`] dropped.
 #[derive(Default)]
 pub struct Pruned {
     /// Client pods no longer in the configuration.

@@ -2,8 +2,8 @@
 //! cluster), under a node-wide cap that no single client may exhaust.
 //!
 //! Every limit is an atomic counter; a permit is an owned RAII guard (it can
-//! travel into a connection task or a response body) that gives its slot back
-//! and wakes requests waiting in the pending queue.
+//! travel into a connection task or a response body) that gives its slot back;
+//! a connection slot also wakes requests waiting in the pending queue.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -146,7 +146,8 @@ pub struct Budgets {
     pub node: Arc<NodeBudget>,
 }
 
-/// An owned slot; dropping it frees the slot and wakes pending requests.
+/// An owned slot; dropping it frees the slot (a connection slot also wakes
+/// requests waiting for a connection).
 #[derive(Debug)]
 pub struct Permit {
     budgets: Budgets,

@@ -1,6 +1,6 @@
 //! Envoy's per-cluster upstream counters and Istio's request series, kept per
 //! (client pod, cluster). Names match Envoy's `cluster.<name>.<stat>` so the
-//! metrics endpoint (`telemetry::metrics`) can expose them as
+//! metrics endpoint (`admin::metrics`) can expose them as
 //! `envoy_cluster_<stat>`.
 //!
 //! Everything here is recorded on the request path with atomics only: no lock

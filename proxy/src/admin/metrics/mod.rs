@@ -15,7 +15,7 @@
 //! Cardinality: labels are workloads, namespaces, services, cluster names,
 //! response codes and flags; never endpoint addresses. Only what exists is
 //! walked: client pods and clusters that leave the configuration are pruned
-//! from the registry on reload ([`Retired::prune`]); the counters of a pruned
+//! from the registry on reload ([`Retired::retire_while`]); the counters of a pruned
 //! pod are kept (as "retired" totals) only while another pod of its workload
 //! is still on the node, so the workload's sums never go down.
 
@@ -51,11 +51,8 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const KUBERNETES: &str = "Kubernetes";
 
 /// The registry served on the metrics port. The collectors read the proxy's
-/// live state on every scrape.
-///
-/// Seam for the eBPF issue: its redirect-map and program counters come as one
-/// more [`Collector`] registered on the returned registry (see `app::start`);
-/// nothing eBPF-related is reported before that.
+/// live state on every scrape; `retired` keeps the counters of client pods
+/// that left the configuration.
 pub fn registry(proxy: Arc<Proxy>, status: Arc<ConfigStatus>, retired: Arc<Retired>) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(MeshCollector {

@@ -4,8 +4,9 @@
 //! Forwarder::start ── http2MaxRequests permit (else 503 UO)
 //!   └─ loop: begin_attempt   pick an endpoint not tried yet (else 503 UH)
 //!            send            check out or connect, send, wait for headers,
-//!                            bounded by the route timeout and perTryTimeout
-//!            classify        stats and outlier detection see the result
+//!                            bounded by the route timeout and perTryTimeout;
+//!                            classify the result into an `Outcome` (stats
+//!                            and outlier detection see it)
 //!            retry_decision  the one place that decides on a retry:
 //!                            retryOn, attempts, replay buffer, maxRetries,
 //!                            route deadline
@@ -15,9 +16,11 @@
 //!
 //! What the request holds, and when it lets go: the `http2MaxRequests`
 //! [`Permit`] and the endpoint's [`InFlight`] move into the response's
-//! [`UpstreamHold`] and are released when its body ends; a `maxRetries`
-//! permit is held from a retry's decision until the request is answered; an
-//! abandoned attempt drops its connection (a lease not released is closed).
+//! [`UpstreamHold`] and are released when its body ends (for `PASSTHROUGH`,
+//! which has no endpoint state, the permit goes when the headers arrive); a
+//! `maxRetries` permit is held from a retry's decision until the next retry's
+//! back-off ends or the request is answered; an abandoned attempt drops its
+//! connection (a lease not released is closed).
 //! If the client goes away, the future is dropped and [`CancelGuard`] counts
 //! `upstream_rq_cancelled`.
 
@@ -65,7 +68,7 @@ pub(super) async fn forward(
 ) -> Response<ResponseBody> {
     let mut fwd = match Forwarder::start(proxy, conn, snap, request) {
         Ok(fwd) => fwd,
-        Err(overflow) => return overflow,
+        Err(Overflow { exchange, is_grpc }) => return overflow_reply(exchange, is_grpc),
     };
     loop {
         let Some(mut attempt) = fwd.begin_attempt() else {
@@ -121,7 +124,15 @@ struct Attempt {
     deadline: Option<TokioInstant>,
 }
 
-/// What one attempt came to.
+/// A request refused at the start: `http2MaxRequests` is reached.
+struct Overflow {
+    exchange: Box<Exchange>,
+    is_grpc: bool,
+}
+
+/// What one attempt came to. It lives for one step of the loop; boxing the
+/// response would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     /// Response headers arrived.
     Response {
@@ -161,7 +172,7 @@ impl<'a> Forwarder<'a> {
         conn: &'a ConnContext,
         snap: &Snapshot,
         request: RoutedRequest,
-    ) -> Result<Self, Response<ResponseBody>> {
+    ) -> Result<Self, Overflow> {
         let RoutedRequest {
             parts,
             body,
@@ -202,7 +213,7 @@ impl<'a> Forwarder<'a> {
         };
         let Some(request_permit) = cluster.budgets.try_request(&config.limits) else {
             ClusterStats::inc(&cluster.stats.upstream_rq_pending_overflow);
-            return Err(overflow_reply(exchange, is_grpc));
+            return Err(Overflow { exchange, is_grpc });
         };
         let cancelled = CancelGuard(Some(cluster.stats.clone()));
         Ok(Forwarder {
@@ -402,8 +413,8 @@ impl<'a> Forwarder<'a> {
         None
     }
 
-    /// Waits out a granted retry's back-off; its `maxRetries` slot is held
-    /// from now on (the previous retry's is given back).
+    /// Waits out a granted retry's back-off, then keeps its `maxRetries`
+    /// slot (giving back the previous retry's, held until now).
     async fn back_off(&mut self, retry: Retry) {
         tokio::time::sleep_until(retry.wake).await;
         self.retry_permit = Some(retry.permit);

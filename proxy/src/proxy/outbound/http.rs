@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use super::forward::{RoutedRequest, forward};
 use crate::proxy::body::{Exchange, RequestBody, ResponseBody};
@@ -229,16 +230,12 @@ pub fn http_to_grpc_status(status: StatusCode) -> u32 {
     }
 }
 
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`.
+const GRPC_MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
+
 fn percent_encode_grpc_message(text: &str) -> HeaderValue {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
+    let encoded = utf8_percent_encode(text, GRPC_MESSAGE).to_string();
+    HeaderValue::from_str(&encoded).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// HTTP/2 and gRPC ports talk HTTP/2 upstream; HTTP ports HTTP/1.1; ports

@@ -137,9 +137,10 @@ async fn handle_connection(
         Sniffed::Other => match ctx.vip_target.clone() {
             Some(target) => tcp::serve_service(stream, ctx, target, proxy).await,
             None => {
-                // Not HTTP and no original destination: nowhere to send it, and
-                // we never relay to an address the client merely names.
-                tracing::debug!(%peer, "non-HTTP connection without original destination; closing");
+                // Not HTTP and no Service to send it to (passthrough is for
+                // in-pod listeners only): we never relay to an address the
+                // client merely names.
+                tracing::debug!(%peer, "non-HTTP connection to no Service; closing");
             }
         },
     }
