@@ -410,9 +410,12 @@ fn matches(m: &HttpMatch, req: &RequestView<'_>) -> bool {
         let ok = if m.ignore_uri_case {
             match uri {
                 crate::state::StringMatch::Exact(s) => path.eq_ignore_ascii_case(s),
-                crate::state::StringMatch::Prefix(p) => {
-                    path.len() >= p.len() && path[..p.len()].eq_ignore_ascii_case(p)
-                }
+                // Bytes, not `str` slices: the path may end a prefix's length
+                // inside a multi-byte character.
+                crate::state::StringMatch::Prefix(p) => path
+                    .as_bytes()
+                    .get(..p.len())
+                    .is_some_and(|head| head.eq_ignore_ascii_case(p.as_bytes())),
                 crate::state::StringMatch::Regex(_) => uri.matches(path),
             }
         } else {
