@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use nodeway_tests::{Proto, raw_exchange, request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,4 +89,94 @@ async fn case_insensitive_prefix_against_a_multibyte_path_is_no_match() {
     )
     .await;
     assert_eq!(out.status, Some(200), "{out:?}");
+}
+
+/// CPU time this process has used (user + system), from `/proc/self/stat`.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Defect 5: connections that send one byte and stall kept the proxy busy
+/// (a peek is ready at once while a byte is buffered, so detection polled in
+/// a loop) and were never closed at the sniff deadline. Now they cost
+/// nothing while they wait, and are closed when it passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byte_holders_cost_no_cpu_and_are_closed_at_the_sniff_deadline() {
+    let m = mock("m").await;
+    let sniff_timeout = Duration::from_secs(2);
+    let h = Harness::start_with(
+        &MeshConfig::new(vec![m.addr()]),
+        std::sync::Arc::new(FixedOriginalDst(None)),
+        |opts| opts.settings.sniff_timeout = sniff_timeout,
+    )
+    .await;
+    let opened = tokio::time::Instant::now();
+    let mut holders = Vec::new();
+    for _ in 0..200 {
+        let mut s = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+            .await
+            .expect("connect");
+        s.write_all(b"G").await.expect("send one byte");
+        holders.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = process_cpu();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = process_cpu() - before;
+    assert!(
+        used < Duration::from_millis(200),
+        "200 idle one-byte connections used {used:?} of CPU in 1 s"
+    );
+    // Each is closed by the proxy once the deadline passes (EOF or reset).
+    for (i, s) in holders.iter_mut().enumerate() {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout_at(
+            opened + sniff_timeout + Duration::from_secs(3),
+            s.read(&mut buf),
+        )
+        .await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "holder {i} not closed after the sniff deadline: {read:?}"
+        );
+    }
+    // And the proxy still serves.
+    let out = request(
+        Proto::Http1,
+        h.addr(),
+        CLIENT_IP,
+        AUTHORITY,
+        "/status/200",
+        Bytes::new(),
+        CALL_TIMEOUT,
+    )
+    .await;
+    assert_eq!(out.status, Some(200), "{out:?}");
+}
+
+/// Defect 5: a client that sends one byte and closes left a `CLOSE_WAIT`
+/// socket behind (the peek kept returning the byte after the FIN). The proxy
+/// now sees the end at once and closes its side.
+#[tokio::test]
+async fn a_byte_then_close_is_closed_at_once() {
+    let m = mock("m").await;
+    let h = Harness::start(&MeshConfig::new(vec![m.addr()])).await;
+    let mut s = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"G").await.expect("send one byte");
+    s.shutdown().await.expect("half-close");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the proxy kept the half-closed connection open: {read:?}"
+    );
 }

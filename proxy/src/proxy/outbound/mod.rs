@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,7 +29,7 @@ use crate::redirect::netns::Dialer;
 use crate::state::AppProtocol;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::AccessLogEntry;
-use sniff::Sniffed;
+use sniff::{PrefixedStream, Sniffed};
 
 /// Accepts connections until `shutdown`; each connection is tracked so the
 /// caller can wait for them to drain. `pod` is set for in-pod listeners.
@@ -125,10 +126,10 @@ async fn handle_connection(
         .vip_target
         .as_ref()
         .is_some_and(|t| t.service.ports[t.port_idx].protocol == AppProtocol::Tcp);
-    let sniffed = if declared_tcp {
-        Sniffed::Other
+    let (sniffed, stream) = if declared_tcp {
+        (Sniffed::Other, PrefixedStream::new(Bytes::new(), stream))
     } else {
-        sniff::sniff(&stream, proxy.settings.sniff_timeout).await
+        sniff::sniff(stream, proxy.settings.sniff_timeout).await
     };
     match sniffed {
         Sniffed::Closed => {}
@@ -163,7 +164,7 @@ fn request_service(
 }
 
 async fn serve_http1(
-    stream: TcpStream,
+    stream: PrefixedStream,
     ctx: Arc<ConnContext>,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
@@ -230,7 +231,7 @@ fn log_http1_connection_error(
 }
 
 async fn serve_http2(
-    stream: TcpStream,
+    stream: PrefixedStream,
     ctx: Arc<ConnContext>,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,

@@ -1,7 +1,13 @@
-//! Protocol detection from the first bytes of a connection, without consuming them.
+//! Protocol detection from the first bytes of a connection; the bytes are
+//! replayed to whoever serves it next.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,32 +58,93 @@ pub fn classify(buf: &[u8]) -> Option<Sniffed> {
     }
 }
 
-/// Peeks until the prefix decides, the client goes quiet, or it closes.
-pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Sniffed {
-    let mut buf = [0u8; 32];
+/// Largest prefix read before deciding (the HTTP/2 preface is 24 bytes).
+const SNIFF_BUFFER: usize = 64;
+
+/// Reads until the prefix decides, the client goes quiet (`timeout`), or it
+/// closes. The bytes read are replayed by the returned stream. Reading, not
+/// peeking: a peek is ready at once while bytes are buffered, so a client
+/// that sends one byte and stalls (or closes) would keep the task spinning.
+pub async fn sniff(stream: TcpStream, timeout: Duration) -> (Sniffed, PrefixedStream) {
+    let mut stream = stream;
+    let mut buf = BytesMut::with_capacity(SNIFF_BUFFER);
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut last_len = 0;
-    loop {
-        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
-        let n = match peeked {
-            Err(_) => return Sniffed::Other,
-            Ok(Err(_)) | Ok(Ok(0)) => return Sniffed::Closed,
-            Ok(Ok(n)) => n,
-        };
-        if let Some(kind) = classify(&buf[..n]) {
-            return kind;
+    let kind = loop {
+        if buf.len() == buf.capacity() {
+            break Sniffed::Other;
         }
-        if n == last_len {
-            // peek returns at once while bytes are buffered; wait for more.
-            if tokio::time::timeout_at(deadline, stream.readable())
-                .await
-                .is_err()
-            {
-                return Sniffed::Other;
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Err(_) => break Sniffed::Other,
+            Ok(Err(_)) => break Sniffed::Closed,
+            Ok(Ok(0)) if buf.is_empty() => break Sniffed::Closed,
+            // Half-closed after a few bytes: not HTTP we could parse.
+            Ok(Ok(0)) => break Sniffed::Other,
+            Ok(Ok(_)) => {
+                if let Some(kind) = classify(&buf) {
+                    break kind;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        last_len = n;
+    };
+    (kind, PrefixedStream::new(buf.freeze(), stream))
+}
+
+/// A connection whose first bytes were already read (for protocol
+/// detection): reads return them first, then the socket's.
+pub struct PrefixedStream {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl PrefixedStream {
+    pub fn new(prefix: Bytes, inner: TcpStream) -> Self {
+        PrefixedStream { prefix, inner }
+    }
+}
+
+impl AsyncRead for PrefixedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            let head = self.prefix.split_to(n);
+            out.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for PrefixedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

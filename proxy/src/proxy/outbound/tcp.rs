@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
-use tokio::net::TcpStream;
+use super::sniff::PrefixedStream;
 
 use crate::lb::PickContext;
 use crate::proxy::clients::InFlight;
@@ -22,7 +22,7 @@ use crate::telemetry::{ResponseFlag, ResponseFlags};
 
 /// Envoy's `tcp_proxy` for one connection to a Service port.
 pub(super) async fn serve_service(
-    mut downstream: TcpStream,
+    mut downstream: PrefixedStream,
     ctx: Arc<ConnContext>,
     target: ServiceTarget,
     proxy: Arc<Proxy>,
