@@ -141,9 +141,14 @@ struct RunArgs {
     /// Longest wait for in-flight requests after SIGTERM/SIGINT.
     #[arg(long, default_value = "5s", value_parser = go_duration)]
     drain_timeout: Duration,
-    /// Clients must finish sending request headers within this time.
+    /// Clients must finish sending request headers within this time, from
+    /// the request's first byte.
     #[arg(long, default_value = "10s", value_parser = go_duration)]
     request_header_timeout: Duration,
+    /// Downstream HTTP/1.1 connections idle between requests are closed
+    /// after this time (Envoy's `idle_timeout`).
+    #[arg(long, default_value = "1h", value_parser = go_duration)]
+    idle_timeout: Duration,
     /// Node-wide cap on upstream connections across all client pods.
     #[arg(long, default_value_t = 16384)]
     max_upstream_connections: u32,
@@ -307,6 +312,7 @@ fn run(args: RunArgs) -> ExitCode {
     opts.node = args.node;
     opts.drain_timeout = args.drain_timeout;
     opts.settings.request_header_timeout = args.request_header_timeout;
+    opts.settings.idle_timeout = args.idle_timeout;
     opts.settings.max_upstream_connections = args.max_upstream_connections;
     opts.settings.max_pending_requests = args.max_pending_requests;
     opts.settings.max_client_share_percent = args.max_client_share;

@@ -180,3 +180,123 @@ async fn a_byte_then_close_is_closed_at_once() {
         "the proxy kept the half-closed connection open: {read:?}"
     );
 }
+
+/// Sends one HTTP/1.1 request on a kept-alive connection and reads its
+/// response (head and `Content-Length` body); `None` if the connection ended.
+async fn keep_alive_exchange(s: &mut tokio::net::TcpStream, request: &str) -> Option<String> {
+    s.write_all(request.as_bytes()).await.ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return Some(text);
+            }
+        }
+    }
+}
+
+/// Defect 6: hyper's header-read timer also ran between requests, so an
+/// idle keep-alive connection was closed exactly at `request_header_timeout`
+/// and a request sent just after was lost (EOF, no log line). The header
+/// timeout now counts from a request's first byte; idle connections get the
+/// idle timeout (Envoy's, 1 h by default).
+#[tokio::test]
+async fn keep_alive_connections_outlive_the_header_timeout() {
+    let m = mock("m").await;
+    let h = Harness::start_with(
+        &MeshConfig::new(vec![m.addr()]),
+        std::sync::Arc::new(FixedOriginalDst(None)),
+        |opts| opts.settings.request_header_timeout = Duration::from_millis(500),
+    )
+    .await;
+    let mut s = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+        .await
+        .expect("connect");
+    let get = format!("GET /status/200 HTTP/1.1\r\nHost: {AUTHORITY}\r\n\r\n");
+    let first = keep_alive_exchange(&mut s, &get)
+        .await
+        .expect("first response");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let post =
+        format!("POST /status/200 HTTP/1.1\r\nHost: {AUTHORITY}\r\nContent-Length: 5\r\n\r\nhello");
+    let second = keep_alive_exchange(&mut s, &post)
+        .await
+        .expect("the idle keep-alive connection was closed under the request");
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    h.log.wait_for(2, LOG_TIMEOUT).await;
+    let lines = h.log.lines();
+    assert_eq!(field(&lines[1], "method"), "POST");
+    assert_eq!(field(&lines[1], "response_code"), "200");
+}
+
+/// The idle timeout closes a keep-alive connection with no request in
+/// progress; a request that started is still bound by the header timeout.
+#[tokio::test]
+async fn idle_keep_alive_connections_close_at_the_idle_timeout() {
+    let m = mock("m").await;
+    let h = Harness::start_with(
+        &MeshConfig::new(vec![m.addr()]),
+        std::sync::Arc::new(FixedOriginalDst(None)),
+        |opts| {
+            opts.settings.request_header_timeout = Duration::from_millis(300);
+            opts.settings.idle_timeout = Duration::from_secs(1);
+        },
+    )
+    .await;
+    let mut s = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+        .await
+        .expect("connect");
+    let get = format!("GET /status/200 HTTP/1.1\r\nHost: {AUTHORITY}\r\n\r\n");
+    let first = keep_alive_exchange(&mut s, &get)
+        .await
+        .expect("first response");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let idle_from = tokio::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    let waited = idle_from.elapsed();
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "closed after {waited:?}, idle timeout 1 s"
+    );
+    // A second connection that starts a request and stalls is cut at the
+    // header timeout, well before the idle timeout.
+    let mut s = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+        .await
+        .expect("connect");
+    let first = keep_alive_exchange(&mut s, &get)
+        .await
+        .expect("first response");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    s.write_all(b"GET /status/200 HT")
+        .await
+        .expect("partial head");
+    let started = tokio::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "{read:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "a stalled request head was cut after {:?}",
+        started.elapsed()
+    );
+}

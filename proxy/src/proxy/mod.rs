@@ -42,8 +42,12 @@ pub use outbound::serve_outbound;
 /// Limits of the downstream side. Defaults follow Envoy where it has one.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
-    /// A client must finish sending request headers within this time (default 10 s).
+    /// A client must finish sending request headers within this time, from
+    /// the request's first byte (default 10 s).
     pub request_header_timeout: Duration,
+    /// A downstream HTTP/1.1 connection with no request in progress is
+    /// closed after this time (default 1 h, Envoy's `idle_timeout`).
+    pub idle_timeout: Duration,
     /// Largest request header block; larger gets 431 (default 60 KiB, Envoy's).
     pub max_request_headers_bytes: usize,
     /// Most request headers; more gets 431 (default 100, Envoy's).
@@ -67,6 +71,7 @@ impl Default for ProxySettings {
     fn default() -> Self {
         ProxySettings {
             request_header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
             max_request_headers_bytes: 60 * 1024,
             max_request_headers: 100,
             http2_max_concurrent_streams: 1024,

@@ -6,6 +6,7 @@
 
 mod forward;
 pub mod http;
+mod idle;
 mod passthrough;
 pub mod sniff;
 mod tcp;
@@ -29,6 +30,7 @@ use crate::redirect::netns::Dialer;
 use crate::state::AppProtocol;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::AccessLogEntry;
+use idle::{CountingIo, HeaderTimer, ReadCount};
 use sniff::{PrefixedStream, Sniffed};
 
 /// Accepts connections until `shutdown`; each connection is tracked so the
@@ -172,8 +174,15 @@ async fn serve_http1(
     let settings = &proxy.settings;
     let svc = request_service(proxy.clone(), ctx.clone());
     let started = (Instant::now(), SystemTime::now());
+    let read = Arc::new(ReadCount::default());
+    let timer = HeaderTimer::new(
+        read.clone(),
+        settings.request_header_timeout,
+        settings.idle_timeout,
+    );
+    let stream = CountingIo::new(stream, read);
     let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(timer)
         .header_read_timeout(settings.request_header_timeout)
         .max_buf_size(settings.max_request_headers_bytes.max(8192))
         .max_headers(settings.max_request_headers)
