@@ -93,14 +93,30 @@ async fn case_insensitive_prefix_against_a_multibyte_path_is_no_match() {
 
 /// CPU time this process has used (user + system), from `/proc/self/stat`.
 fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
-    // Fields after the command name (which may hold spaces) start after ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
+    CpuClock::open().read()
+}
+
+/// `/proc/self/stat`, kept open so it can be read without a new descriptor.
+struct CpuClock(std::fs::File);
+
+impl CpuClock {
+    fn open() -> Self {
+        CpuClock(std::fs::File::open("/proc/self/stat").expect("open /proc/self/stat"))
+    }
+
+    fn read(&self) -> Duration {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 1024];
+        let n = self.0.read_at(&mut buf, 0).expect("read /proc/self/stat");
+        let stat = String::from_utf8_lossy(&buf[..n]);
+        // Fields after the command name (which may hold spaces) start after ')'.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10)
+    }
 }
 
 /// Defect 5: connections that send one byte and stall kept the proxy busy
@@ -299,4 +315,123 @@ async fn idle_keep_alive_connections_close_at_the_idle_timeout() {
         "a stalled request head was cut after {:?}",
         started.elapsed()
     );
+}
+
+/// Sets this process's soft limit on open files (`prlimit`, util-linux).
+fn set_nofile_soft_limit(soft: u64) {
+    let pid = std::process::id().to_string();
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .expect("hard limit of open files");
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--nofile={soft}:{hard}")])
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+}
+
+/// Defect 8: out of file descriptors, the admin API's accept loop retried at
+/// once (both cores busy, 100 000 failed `accept4` in 3 s). Every listener
+/// now shares one accept loop that backs off after an error.
+/// Connects 64 sockets to ADDR after half a second and holds them for 4 s
+/// (in a child process, so they need none of this process's descriptors).
+const BACKLOG_FILLER: &str = "import socket, sys, time
+host, port = sys.argv[1].rsplit(':', 1)
+time.sleep(0.5)
+socks = []
+for _ in range(64):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect((host, int(port)))
+    except BlockingIOError:
+        pass
+    socks.append(s)
+time.sleep(4)
+";
+
+/// A child process that is killed if the test ends early.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_loops_back_off_when_out_of_file_descriptors() {
+    let m = mock("m").await;
+    let h = Harness::start(&MeshConfig::new(vec![m.addr()])).await;
+    let admin = h.admin();
+    let clock = CpuClock::open();
+    let mut filler = KillOnDrop(
+        std::process::Command::new("python3")
+            .args(["-c", BACKLOG_FILLER, &admin.to_string()])
+            .spawn()
+            .expect("start python3"),
+    );
+    let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+    set_nofile_soft_limit(open_now + 16);
+    // Use up this process's descriptors: the filler's connections then wait
+    // in the admin listener's backlog and every accept fails (EMFILE).
+    let mut held = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        held.push(f);
+        assert!(held.len() < 1000, "the limit did not take effect");
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = clock.read();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = clock.read() - before;
+    drop(held);
+    set_nofile_soft_limit(65536.min(open_now + 10_000));
+    assert!(
+        used < Duration::from_millis(300),
+        "out of descriptors, the accept loops used {used:?} of CPU in 1 s"
+    );
+    let _ = filler.0.wait();
+    // The admin API recovers once descriptors are free again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut s = tokio::net::TcpStream::connect(admin)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("admin API answers again");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+}
+
+/// Defect 8: a silent connection to the admin API was kept forever. The
+/// admin, metrics and readiness servers close it after their header timeout.
+#[tokio::test]
+async fn silent_admin_connections_are_closed() {
+    let m = mock("m").await;
+    let h = Harness::start(&MeshConfig::new(vec![m.addr()])).await;
+    let mut s = tokio::net::TcpStream::connect(h.admin())
+        .await
+        .expect("connect");
+    let opened = tokio::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(
+        nodeway::admin::HEADER_TIMEOUT + Duration::from_secs(3),
+        s.read(&mut buf),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent admin connection stayed open: {read:?}"
+    );
+    assert!(opened.elapsed() >= nodeway::admin::HEADER_TIMEOUT - Duration::from_millis(100));
 }

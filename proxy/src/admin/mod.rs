@@ -25,6 +25,7 @@ mod table;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -32,7 +33,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::net::accept_loop;
@@ -96,6 +97,10 @@ pub async fn serve_readiness(listener: TcpListener, draining: CancellationToken)
     .await;
 }
 
+/// How long the admin, metrics and readiness servers wait for a request's
+/// headers (a silent or half-sent connection is closed after it).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves HTTP/1.1 on `listener`, each request answered by `handle`, until
 /// `stop` is cancelled (`None`: for the life of the process).
 async fn serve_http<F, Fut>(
@@ -115,6 +120,8 @@ async fn serve_http<F, Fut>(
                 async move { Ok::<_, Infallible>(reply.await) }
             });
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
