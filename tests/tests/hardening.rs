@@ -435,3 +435,250 @@ async fn silent_admin_connections_are_closed() {
     );
     assert!(opened.elapsed() >= nodeway::admin::HEADER_TIMEOUT - Duration::from_millis(100));
 }
+
+const EJECT_ON_FIRST_5XX: &str = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mock, namespace: default}
+spec:
+  host: mock
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}
+";
+
+/// Sends a chunked POST's head and first chunk, then `tail` (if any), then
+/// closes the connection.
+async fn broken_chunked_post(h: &Harness, tail: Option<&[u8]>) {
+    let mut s = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: {AUTHORITY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    if let Some(tail) = tail {
+        s.write_all(tail).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+    }
+}
+
+/// An HTTP/1.1 upstream written by hand, to control when it reads and
+/// answers: it answers 200 only once a request's chunked body is complete
+/// (through its last chunk). With `early_503`, the first connection is
+/// answered 503 right after its head, without reading the body.
+struct RawUpstream {
+    addr: std::net::SocketAddr,
+    /// Bodies received complete, as sent on the wire.
+    complete: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Set when the first connection (the early-503 one) was closed by the proxy.
+    first_closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RawUpstream {
+    async fn start(early_503: bool) -> RawUpstream {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let complete = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let first_closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (bodies, closed) = (complete.clone(), first_closed.clone());
+        tokio::spawn(async move {
+            let mut index = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                let first = index == 0;
+                index += 1;
+                let (bodies, closed) = (bodies.clone(), closed.clone());
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let mut answered_early = false;
+                    loop {
+                        let text = String::from_utf8_lossy(&got).into_owned();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            if early_503 && first && !answered_early {
+                                answered_early = true;
+                                let _ = s
+                                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                                    .await;
+                            } else if !answered_early && text[end + 4..].contains("0\r\n\r\n") {
+                                bodies.lock().unwrap().push(text[end + 4..].to_string());
+                                let _ = s
+                                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                                    .await;
+                                got.clear();
+                                continue;
+                            }
+                        }
+                        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await
+                        {
+                            Ok(Ok(0)) | Ok(Err(_)) => {
+                                if first {
+                                    closed.store(true, Ordering::SeqCst);
+                                }
+                                return;
+                            }
+                            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        });
+        RawUpstream {
+            addr,
+            complete,
+            first_closed,
+        }
+    }
+}
+
+/// Defects 2 and 3: a client that sends part of a chunked body and leaves
+/// had its truncated body retried and delivered upstream as complete (the
+/// upstream answered 200 to `5\r\nhello\r\n0\r\n\r\n`), logged `503 UC`/`URX`
+/// and counted against the endpoints until all were ejected. It is the
+/// client's failure: `DC`, no response code, one attempt, no ejection, and
+/// no body that looks complete upstream.
+#[tokio::test]
+async fn a_client_leaving_mid_body_is_its_own_failure() {
+    let (a, b, c) = (
+        RawUpstream::start(false).await,
+        RawUpstream::start(false).await,
+        RawUpstream::start(false).await,
+    );
+    let mut config =
+        MeshConfig::new(vec![a.addr, b.addr, c.addr]).with_route("10s", 2, "5xx,reset");
+    config.extra = EJECT_ON_FIRST_5XX.into();
+    let h = Harness::start(&config).await;
+    for _ in 0..3 {
+        broken_chunked_post(&h, None).await;
+    }
+    h.log.wait_for(3, LOG_TIMEOUT).await;
+    for line in h.log.lines() {
+        assert_eq!(field(&line, "response_code"), "0", "{line:?}");
+        assert_eq!(field(&line, "response_flags"), "DC", "{line:?}");
+        assert_eq!(
+            field(&line, "upstream_request_attempt_count"),
+            "1",
+            "{line:?}"
+        );
+        assert_eq!(
+            field(&line, "response_code_details"),
+            "downstream_remote_disconnect"
+        );
+    }
+    for upstream in [&a, &b, &c] {
+        let bodies = upstream.complete.lock().unwrap().clone();
+        assert!(
+            bodies.is_empty(),
+            "a truncated body arrived as complete: {bodies:?}"
+        );
+    }
+    // No endpoint was ejected: a complete request is served at once.
+    let mut s = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+        .await
+        .expect("connect");
+    let post = format!(
+        "POST /echo HTTP/1.1\r\nHost: {AUTHORITY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let reply = keep_alive_exchange(&mut s, &post)
+        .await
+        .expect("a response");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    h.log.wait_for(4, LOG_TIMEOUT).await;
+    let last = h.log.lines().pop().unwrap();
+    assert_eq!(field(&last, "response_flags"), "-");
+    assert_eq!(field(&last, "upstream_request_attempt_count"), "1");
+}
+
+/// Defect 4: when an upstream answered 503 before reading a chunked body,
+/// the retry succeeded but the first attempt's upstream connection kept
+/// waiting for the rest of the body forever (both attempts polled one body;
+/// only the last poller was woken), holding its pool slot. An abandoned
+/// attempt now stops sending and its connection is closed.
+#[tokio::test]
+async fn an_abandoned_attempt_releases_its_upstream_connection() {
+    let upstream = RawUpstream::start(true).await;
+    let config = MeshConfig::new(vec![upstream.addr]).with_route("10s", 2, "5xx");
+    let h = Harness::start(&config).await;
+    let mut s = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: {AUTHORITY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reply = keep_alive_exchange(&mut s, "5\r\nworld\r\n0\r\n\r\n")
+        .await
+        .expect("a response");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let bodies = upstream.complete.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert!(
+        bodies[0].contains("hello") && bodies[0].contains("world"),
+        "the retry got the whole body: {bodies:?}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while !upstream
+        .first_closed
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned attempt's upstream connection is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.log.wait_for(1, LOG_TIMEOUT).await;
+    let line = &h.log.lines()[0];
+    assert_eq!(field(line, "response_code"), "200");
+    assert_eq!(field(line, "upstream_request_attempt_count"), "2");
+}
+
+/// Defects 2 and 3: a malformed chunk is a downstream protocol error
+/// (`400 DPE`), never retried, and the upstream never gets a body that looks
+/// complete.
+#[tokio::test]
+async fn a_malformed_chunk_is_a_downstream_protocol_error() {
+    let a = RawUpstream::start(false).await;
+    let config = MeshConfig::new(vec![a.addr]).with_route("10s", 2, "5xx,reset");
+    let h = Harness::start(&config).await;
+    broken_chunked_post(&h, Some(b"zz\r\nnot a chunk\r\n0\r\n\r\n")).await;
+    h.log.wait_for(1, LOG_TIMEOUT).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let lines = h.log.lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(field(&lines[0], "response_code"), "400");
+    assert_eq!(field(&lines[0], "response_flags"), "DPE");
+    assert_eq!(
+        field(&lines[0], "response_code_details"),
+        "http1.codec_error"
+    );
+    assert_eq!(field(&lines[0], "upstream_request_attempt_count"), "1");
+    let bodies = a.complete.lock().unwrap().clone();
+    assert!(
+        bodies.is_empty(),
+        "a malformed body arrived as complete: {bodies:?}"
+    );
+}
+
+/// When the upstream already streams its response back, a client that
+/// leaves mid-body is still the client's failure (`DC`), not an upstream
+/// protocol error.
+#[tokio::test]
+async fn a_client_leaving_mid_body_of_a_streamed_exchange_is_dc() {
+    let a = mock("a").await;
+    let config = MeshConfig::new(vec![a.addr()]);
+    let h = Harness::start(&config).await;
+    broken_chunked_post(&h, None).await;
+    h.log.wait_for(1, LOG_TIMEOUT).await;
+    let line = &h.log.lines()[0];
+    assert_eq!(field(line, "response_code"), "200", "{line:?}");
+    assert_eq!(field(line, "response_flags"), "DC", "{line:?}");
+    assert_eq!(
+        field(line, "response_code_details"),
+        "downstream_remote_disconnect"
+    );
+}

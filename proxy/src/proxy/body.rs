@@ -8,7 +8,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -27,6 +27,28 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Largest request body kept for replay on retry.
 pub const REPLAY_BUFFER_LIMIT: usize = 64 * 1024;
 
+/// How the client's request body ended in an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientBodyFailure {
+    /// The client went away (or reset the stream) before the body ended:
+    /// Envoy's `DC`.
+    Disconnected,
+    /// The body was malformed (a bad chunk): Envoy's `DPE`.
+    Malformed,
+}
+
+/// Why an attempt's copy of the request body stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    /// A retry took over: the abandoned attempt must not send the body on
+    /// (its upstream connection is closed, not left waiting for the rest).
+    #[error("request body abandoned: a retry replaced this attempt")]
+    Abandoned,
+    /// The client's body failed; no attempt may send it as if it had ended.
+    #[error("the client's request body failed: {0:?}")]
+    Client(ClientBodyFailure),
+}
+
 struct ReplayState {
     source: Incoming,
     buffered: Vec<Bytes>,
@@ -36,6 +58,11 @@ struct ReplayState {
     trailers: Option<HeaderMap>,
     bytes_received: u64,
     completed_at: Option<Instant>,
+    /// The only reader that may read: the latest attempt's.
+    active_reader: u64,
+    /// Wakes the active reader when a newer one replaces it.
+    waiting_reader: Option<Waker>,
+    failed: Option<ClientBodyFailure>,
 }
 
 /// The request body as seen by one upstream attempt.
@@ -44,6 +71,23 @@ pub struct RequestBody {
     exact_len: Option<u64>,
     next_buffered: usize,
     sent_trailers: bool,
+    reader: u64,
+}
+
+/// What the access log needs of a request body: its progress, read-only.
+pub struct BodyProgress(Arc<Mutex<ReplayState>>);
+
+impl BodyProgress {
+    /// How the client's body failed, if it did.
+    pub fn client_failure(&self) -> Option<ClientBodyFailure> {
+        self.0.lock().expect("body lock").failed
+    }
+
+    /// Body bytes read from the client so far, and when the last one came.
+    pub fn received(&self) -> (u64, Option<Instant>) {
+        let s = self.0.lock().expect("body lock");
+        (s.bytes_received, s.completed_at)
+    }
 }
 
 impl RequestBody {
@@ -53,6 +97,7 @@ impl RequestBody {
             exact_len: Some(0),
             next_buffered: 0,
             sent_trailers: false,
+            reader: 0,
         }
     }
 
@@ -72,28 +117,59 @@ impl RequestBody {
                 trailers: None,
                 bytes_received: 0,
                 completed_at: None,
+                active_reader: 0,
+                waiting_reader: None,
+                failed: None,
             }))),
             exact_len,
             next_buffered: 0,
             sent_trailers: false,
+            reader: 0,
         }
     }
 
-    /// A fresh body for another attempt: what was read so far, then the rest.
+    /// A fresh body for another attempt: what was read so far, then the
+    /// rest. It becomes the only reader: earlier attempts' copies fail with
+    /// [`RequestBodyError::Abandoned`] from their next read on.
     pub fn replay(&self) -> Self {
+        let reader = match &self.proxy {
+            None => 0,
+            Some(state) => {
+                let mut st = state.lock().expect("body lock");
+                st.active_reader += 1;
+                if let Some(waker) = st.waiting_reader.take() {
+                    waker.wake();
+                }
+                st.active_reader
+            }
+        };
         RequestBody {
             proxy: self.proxy.clone(),
             exact_len: self.exact_len,
             next_buffered: 0,
             sent_trailers: false,
+            reader,
         }
+    }
+
+    /// The body's progress, for the access log.
+    pub fn progress(&self) -> Option<BodyProgress> {
+        self.proxy.clone().map(BodyProgress)
     }
 
     /// Whether a retry can still send the complete body.
     pub fn can_replay(&self) -> bool {
+        self.proxy.as_ref().is_none_or(|s| {
+            let st = s.lock().expect("body lock");
+            !st.overflowed && st.failed.is_none()
+        })
+    }
+
+    /// How the client's body failed, if it did.
+    pub fn client_failure(&self) -> Option<ClientBodyFailure> {
         self.proxy
             .as_ref()
-            .is_none_or(|s| !s.lock().expect("body lock").overflowed)
+            .and_then(|s| s.lock().expect("body lock").failed)
     }
 
     /// Reads whatever body bytes have already arrived (up to the replay limit)
@@ -109,36 +185,48 @@ impl RequestBody {
             }
         }
     }
+}
 
-    /// Body bytes read from the client so far, and when the last one came.
-    pub fn received(&self) -> (u64, Option<Instant>) {
-        match &self.proxy {
-            None => (0, None),
-            Some(s) => {
-                let s = s.lock().expect("body lock");
-                (s.bytes_received, s.completed_at)
-            }
-        }
+/// A client body error as Envoy names it: a malformed body (bad chunk
+/// framing) or the client going away.
+fn client_body_failure(err: &hyper::Error) -> ClientBodyFailure {
+    let malformed = crate::proxy::upstream::find_source::<std::io::Error>(err).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+        )
+    });
+    if malformed && !err.is_incomplete_message() {
+        ClientBodyFailure::Malformed
+    } else {
+        ClientBodyFailure::Disconnected
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = RequestBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = &mut *self;
         let Some(proxy) = &this.proxy else {
             return Poll::Ready(None);
         };
         let mut st = proxy.lock().expect("body lock");
+        if this.reader != st.active_reader {
+            return Poll::Ready(Some(Err(RequestBodyError::Abandoned)));
+        }
         if this.next_buffered < st.buffered.len() {
             let chunk = st.buffered[this.next_buffered].clone();
             this.next_buffered += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if let Some(failure) = st.failed {
+            // Never end a body cleanly that the client did not finish.
+            return Poll::Ready(Some(Err(RequestBodyError::Client(failure))));
         }
         if st.source_done {
             if !this.sent_trailers {
@@ -149,7 +237,19 @@ impl Body for RequestBody {
             }
             return Poll::Ready(None);
         }
-        let frame = ready!(Pin::new(&mut st.source).poll_frame(cx));
+        let frame = match Pin::new(&mut st.source).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if !st
+                    .waiting_reader
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    st.waiting_reader = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+        };
         match frame {
             None => {
                 st.source_done = true;
@@ -157,7 +257,12 @@ impl Body for RequestBody {
                 this.sent_trailers = true;
                 Poll::Ready(None)
             }
-            Some(Err(err)) => Poll::Ready(Some(Err(err))),
+            Some(Err(err)) => {
+                let failure = client_body_failure(&err);
+                tracing::debug!(%err, ?failure, "client request body failed");
+                st.failed = Some(failure);
+                Poll::Ready(Some(Err(RequestBodyError::Client(failure))))
+            }
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     st.bytes_received += data.len() as u64;
@@ -201,7 +306,7 @@ pub struct Exchange {
     pub entry: AccessLogEntry,
     pub started: Instant,
     pub logger: AccessLogger,
-    pub request_body: Option<RequestBody>,
+    pub request_body: Option<BodyProgress>,
     pub done: bool,
     /// Where `istio_requests_total` and friends are recorded when it ends.
     pub telemetry: RequestTelemetry,
@@ -322,6 +427,33 @@ impl ResponseBody {
         }
     }
 
+    fn client_failure(&self) -> Option<ClientBodyFailure> {
+        self.exchange
+            .as_ref()
+            .and_then(|ex| ex.request_body.as_ref())
+            .and_then(BodyProgress::client_failure)
+    }
+
+    /// Ends the exchange for a failure of the client's request body; outlier
+    /// detection does not hear of it.
+    fn fail_by_client(&mut self, failure: ClientBodyFailure) {
+        drop(self.hold.take());
+        if let Some(mut ex) = self.exchange.take() {
+            let (flag, details) = match failure {
+                ClientBodyFailure::Disconnected => (
+                    ResponseFlag::DownstreamConnectionTermination,
+                    "downstream_remote_disconnect",
+                ),
+                ClientBodyFailure::Malformed => {
+                    (ResponseFlag::DownstreamProtocolError, "http1.codec_error")
+                }
+            };
+            ex.entry.response_flags.set(flag);
+            ex.entry.response_code_details = Some(details.to_string());
+            ex.finish();
+        }
+    }
+
     fn count(&mut self, frame: &Frame<Bytes>) {
         if let Some(ex) = self.exchange.as_mut() {
             if let Some(data) = frame.data_ref() {
@@ -394,10 +526,15 @@ impl Body for ResponseBody {
                     }
                     Some(Err(err)) => {
                         tracing::debug!(%err, "upstream response body failed");
-                        this.fail(
-                            ResponseFlag::UpstreamProtocolError,
-                            "upstream_reset_after_response_started{protocol_error}",
-                        );
+                        match this.client_failure() {
+                            // The exchange broke because the client's own
+                            // body did: not the upstream's fault.
+                            Some(failure) => this.fail_by_client(failure),
+                            None => this.fail(
+                                ResponseFlag::UpstreamProtocolError,
+                                "upstream_reset_after_response_started{protocol_error}",
+                            ),
+                        }
                         Poll::Ready(Some(Err(Box::new(err))))
                     }
                 }

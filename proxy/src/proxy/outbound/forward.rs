@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::{Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant as TokioInstant;
@@ -35,7 +36,9 @@ use tokio::time::Instant as TokioInstant;
 use super::http::{local_reply, strip_hop_by_hop, upstream_protocol, upstream_request};
 use super::tunnel::splice_upgrade;
 use crate::lb::{self, PickContext};
-use crate::proxy::body::{Exchange, REPLAY_BUFFER_LIMIT, RequestBody, ResponseBody, grpc_status};
+use crate::proxy::body::{
+    ClientBodyFailure, Exchange, REPLAY_BUFFER_LIMIT, RequestBody, ResponseBody, grpc_status,
+};
 use crate::proxy::clients::{ClientCluster, ClusterConfig, InFlight, UpstreamHold};
 use crate::proxy::route::RouteDecision;
 use crate::proxy::upstream::{AttemptEnv, EndpointPool, SendFailure, Sent, UpstreamProtocol};
@@ -146,13 +149,17 @@ enum Outcome {
     RouteTimeout,
     /// No response headers: connect failure, reset, per-try timeout, overflow.
     Failed(Failure),
+    /// The client's request body failed (it left, or sent a malformed
+    /// chunk): the client's fault, never retried, not held against the
+    /// endpoint.
+    ClientFailed(ClientBodyFailure),
 }
 
 impl Outcome {
     fn retriable(&self) -> bool {
         match self {
             Outcome::Response { retriable, .. } => *retriable,
-            Outcome::RouteTimeout => false,
+            Outcome::RouteTimeout | Outcome::ClientFailed(_) => false,
             Outcome::Failed(failure) => failure.retriable,
         }
     }
@@ -364,6 +371,10 @@ impl<'a> Forwarder<'a> {
                 })
             }
             Some(Err(err)) => {
+                if let Some(failure) = self.body.client_failure() {
+                    tracing::debug!(?err, "attempt ended by the client's request body");
+                    return Outcome::ClientFailed(failure);
+                }
                 match &err {
                     SendFailure::Connect(_) => record(AttemptResult::ConnectFailed),
                     SendFailure::Overflow => {}
@@ -466,6 +477,10 @@ impl<'a> Forwarder<'a> {
                     self.is_grpc,
                 )
             }
+            Outcome::ClientFailed(failure) => {
+                drop(attempt);
+                self.client_failed(failure)
+            }
             Outcome::Failed(failure) => {
                 drop(attempt);
                 let entry = &mut self.exchange.entry;
@@ -489,6 +504,44 @@ impl<'a> Forwarder<'a> {
                 )
             }
         }
+    }
+
+    /// The client broke its own request: logged as Envoy does, `DC` with no
+    /// response code when it left (nobody reads an answer), `400 DPE` for a
+    /// malformed body. Either way the connection closes.
+    fn client_failed(mut self, failure: ClientBodyFailure) -> Response<ResponseBody> {
+        let mut reply = match failure {
+            ClientBodyFailure::Disconnected => {
+                let entry = &mut self.exchange.entry;
+                entry
+                    .response_flags
+                    .set(ResponseFlag::DownstreamConnectionTermination);
+                entry.response_code = 0;
+                entry.response_code_details = Some("downstream_remote_disconnect".into());
+                let mut reply =
+                    Response::new(ResponseBody::local(Bytes::new(), Some(self.exchange)));
+                *reply.status_mut() = StatusCode::BAD_REQUEST;
+                reply
+            }
+            ClientBodyFailure::Malformed => {
+                self.exchange
+                    .entry
+                    .response_flags
+                    .set(ResponseFlag::DownstreamProtocolError);
+                local_reply(
+                    self.exchange,
+                    StatusCode::BAD_REQUEST,
+                    "http1.codec_error",
+                    "",
+                    self.is_grpc,
+                )
+            }
+        };
+        reply.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        reply
     }
 
     /// `503 UH`: no endpoint of the cluster may take the request.

@@ -154,7 +154,7 @@ pub async fn serve_request(
     };
     exchange.entry.route_name = decision.route_name.clone();
     let body = RequestBody::new(body);
-    exchange.request_body = Some(body.replay());
+    exchange.request_body = body.progress();
     let request = RoutedRequest {
         parts,
         body,
