@@ -682,3 +682,45 @@ async fn a_client_leaving_mid_body_of_a_streamed_exchange_is_dc() {
         "downstream_remote_disconnect"
     );
 }
+
+/// Defect 11: `idleTimeout: 0s` and `maxConnectionDuration: 0s` made every
+/// upstream connection unusable after one request, where Istio (Envoy)
+/// reads 0 as "no timeout". Two requests in a row share one connection.
+#[tokio::test]
+async fn zero_upstream_timeouts_mean_disabled() {
+    let m = mock("m").await;
+    let mut config = MeshConfig::new(vec![m.addr()]);
+    config.extra = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mock, namespace: default}
+spec:
+  host: mock
+  trafficPolicy:
+    connectionPool:
+      http: {idleTimeout: 0s}
+      tcp: {maxConnectionDuration: 0s}
+"
+    .into();
+    let h = Harness::start(&config).await;
+    for _ in 0..2 {
+        let out = request(
+            Proto::Http1,
+            h.addr(),
+            CLIENT_IP,
+            AUTHORITY,
+            "/status/200",
+            Bytes::new(),
+            CALL_TIMEOUT,
+        )
+        .await;
+        assert_eq!(out.status, Some(200), "{out:?}");
+    }
+    h.log.wait_for(2, LOG_TIMEOUT).await;
+    let lines = h.log.lines();
+    assert_eq!(
+        field(&lines[0], "upstream_local_address"),
+        field(&lines[1], "upstream_local_address"),
+        "the second request should reuse the first one's upstream connection"
+    );
+}

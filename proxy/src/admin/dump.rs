@@ -80,7 +80,8 @@ fn effective_policy(config: &ClusterConfig) -> Value {
             "max_requests": limits.max_requests,
             "max_retries": limits.max_retries,
             "connect_timeout": dur(settings.connect_timeout),
-            "idle_timeout": dur(settings.idle_timeout),
+            // null: disabled (`idleTimeout: 0s`).
+            "idle_timeout": (settings.idle_timeout != Duration::MAX).then(|| dur(settings.idle_timeout)),
             "max_requests_per_connection": settings.max_requests_per_connection,
             "max_connection_duration": settings.max_connection_duration.map(dur),
             "max_concurrent_streams": settings.max_concurrent_streams,

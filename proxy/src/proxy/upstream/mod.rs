@@ -32,9 +32,9 @@ pub struct ConnSettings {
     pub connect_timeout: Duration,
     /// `http.maxRequestsPerConnection` (1 disables keep-alive).
     pub max_requests_per_connection: Option<u32>,
-    /// `http.idleTimeout` (or `tcp.idleTimeout`), default 1 h.
+    /// `http.idleTimeout` (or `tcp.idleTimeout`), default 1 h; `0s` disables it.
     pub idle_timeout: Duration,
-    /// `tcp.maxConnectionDuration`.
+    /// `tcp.maxConnectionDuration`; `0s` means none.
     pub max_connection_duration: Option<Duration>,
     pub tcp_keepalive: Option<TcpKeepalive>,
     /// `http.maxConcurrentStreams`: streams per upstream HTTP/2 connection.
@@ -69,11 +69,18 @@ impl ConnSettings {
             max_requests_per_connection: http
                 .and_then(|h| h.max_requests_per_connection)
                 .filter(|n| *n > 0),
-            idle_timeout: http
+            // Istio (Envoy) reads 0 as "no timeout", not "expire at once".
+            idle_timeout: match http
                 .and_then(|h| h.idle_timeout)
                 .or_else(|| tcp.and_then(|t| t.idle_timeout))
-                .unwrap_or(d.idle_timeout),
-            max_connection_duration: tcp.and_then(|t| t.max_connection_duration),
+            {
+                Some(zero) if zero.is_zero() => Duration::MAX,
+                Some(timeout) => timeout,
+                None => d.idle_timeout,
+            },
+            max_connection_duration: tcp
+                .and_then(|t| t.max_connection_duration)
+                .filter(|d| !d.is_zero()),
             tcp_keepalive: tcp.and_then(|t| t.tcp_keepalive.clone()),
             max_concurrent_streams: http
                 .and_then(|h| h.max_concurrent_streams)
