@@ -466,12 +466,15 @@ async fn broken_chunked_post(h: &Harness, tail: Option<&[u8]>) {
 
 /// An HTTP/1.1 upstream written by hand, to control when it reads and
 /// answers: it answers 200 only once a request's chunked body is complete
-/// (through its last chunk). With `early_503`, the first connection is
-/// answered 503 right after its head, without reading the body.
+/// (through its last chunk; at once for a request without a chunked body).
+/// With `early_503`, the first connection is answered 503 right after its
+/// head, without reading the body.
 struct RawUpstream {
     addr: std::net::SocketAddr,
     /// Bodies received complete, as sent on the wire.
     complete: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Heads of the requests answered 200.
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// Set when the first connection (the early-503 one) was closed by the proxy.
     first_closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -483,13 +486,15 @@ impl RawUpstream {
         let addr = listener.local_addr().unwrap();
         let complete = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let first_closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (bodies, closed) = (complete.clone(), first_closed.clone());
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (bodies, closed, seen_heads) = (complete.clone(), first_closed.clone(), heads.clone());
         tokio::spawn(async move {
             let mut index = 0;
             while let Ok((mut s, _)) = listener.accept().await {
                 let first = index == 0;
                 index += 1;
-                let (bodies, closed) = (bodies.clone(), closed.clone());
+                let (bodies, closed, seen_heads) =
+                    (bodies.clone(), closed.clone(), seen_heads.clone());
                 tokio::spawn(async move {
                     let mut got = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -502,7 +507,13 @@ impl RawUpstream {
                                 let _ = s
                                     .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
                                     .await;
-                            } else if !answered_early && text[end + 4..].contains("0\r\n\r\n") {
+                            } else if !answered_early
+                                && (!text[..end]
+                                    .to_ascii_lowercase()
+                                    .contains("transfer-encoding: chunked")
+                                    || text[end + 4..].contains("0\r\n\r\n"))
+                            {
+                                seen_heads.lock().unwrap().push(text[..end].to_string());
                                 bodies.lock().unwrap().push(text[end + 4..].to_string());
                                 let _ = s
                                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
@@ -529,6 +540,7 @@ impl RawUpstream {
         RawUpstream {
             addr,
             complete,
+            heads,
             first_closed,
         }
     }
@@ -723,4 +735,54 @@ spec:
         field(&lines[1], "upstream_local_address"),
         "the second request should reuse the first one's upstream connection"
     );
+}
+
+/// Defect 11: an absolute-form request forwarded the client's conflicting
+/// `Host`; RFC 9112 §3.2.2: the URI's authority replaces it.
+#[tokio::test]
+async fn absolute_form_authority_replaces_the_host_header() {
+    let up = RawUpstream::start(false).await;
+    let h = Harness::start(&MeshConfig::new(vec![up.addr])).await;
+    let raw = raw_exchange(
+        h.addr(),
+        CLIENT_IP,
+        format!(
+            "GET http://{AUTHORITY}/x HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_line(&raw), "HTTP/1.1 200 OK");
+    let heads = up.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let hosts: Vec<&str> = heads[0]
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .map(|(_, v)| v.trim())
+        .collect();
+    assert_eq!(hosts, vec![AUTHORITY], "{}", heads[0]);
+}
+
+/// Defect 11: a request with two `Host` headers had both forwarded. It is
+/// malformed (RFC 9112 §3.2): `400 DPE`, nothing sent upstream.
+#[tokio::test]
+async fn two_host_headers_are_refused() {
+    let up = RawUpstream::start(false).await;
+    let h = Harness::start(&MeshConfig::new(vec![up.addr])).await;
+    let raw = raw_exchange(
+        h.addr(),
+        CLIENT_IP,
+        format!("GET /x HTTP/1.1\r\nHost: {AUTHORITY}\r\nHost: other.example\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_line(&raw), "HTTP/1.1 400 Bad Request");
+    h.log.wait_for(1, LOG_TIMEOUT).await;
+    let line = &h.log.lines()[0];
+    assert_eq!(field(line, "response_code"), "400");
+    assert_eq!(field(line, "response_flags"), "DPE");
+    assert!(up.heads.lock().unwrap().is_empty());
 }

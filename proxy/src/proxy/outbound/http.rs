@@ -104,6 +104,24 @@ pub async fn serve_request(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(reply);
     }
+    // RFC 9112 §3.2: more than one Host makes the request invalid.
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        exchange
+            .entry
+            .response_flags
+            .set(ResponseFlag::DownstreamProtocolError);
+        let mut reply = local_reply(
+            exchange,
+            StatusCode::BAD_REQUEST,
+            "http1.codec_error",
+            "",
+            is_grpc,
+        );
+        reply
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(reply);
+    }
     let snap = proxy.snapshot.load_full();
     let client_ns: &str = conn
         .client
@@ -278,8 +296,11 @@ pub(super) fn upstream_request(
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let (uri, version) = match protocol {
         UpstreamProtocol::Http1 => {
+            // An absolute-form target's authority replaces any Host (RFC
+            // 9112 §3.2.2); otherwise a missing Host is filled in.
+            let absolute_form = parts.uri.authority().is_some();
             if let Some(a) = authority
-                && !headers.contains_key(header::HOST)
+                && (absolute_form || !headers.contains_key(header::HOST))
                 && let Ok(v) = HeaderValue::from_str(a)
             {
                 headers.insert(header::HOST, v);
