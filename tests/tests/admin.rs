@@ -43,7 +43,7 @@ async fn admin_call(addr: SocketAddr, method: &str, path: &str) -> (u16, String)
             .await
             .expect("admin API reachable");
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
         stream.write_all(req.as_bytes()).await.unwrap();
         let mut raw = String::new();

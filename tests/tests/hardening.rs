@@ -401,7 +401,7 @@ async fn accept_loops_back_off_when_out_of_file_descriptors() {
         let mut s = tokio::net::TcpStream::connect(admin)
             .await
             .expect("connect");
-        s.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        s.write_all(b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
         let mut out = Vec::new();
@@ -785,4 +785,51 @@ async fn two_host_headers_are_refused() {
     assert_eq!(field(line, "response_code"), "400");
     assert_eq!(field(line, "response_flags"), "DPE");
     assert!(up.heads.lock().unwrap().is_empty());
+}
+
+/// Sends one raw request to `addr` and returns the response's status line.
+async fn raw_status(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    status_line(&out)
+}
+
+/// Defect 11: the admin API answered any `Host` (a web page could rebind
+/// its DNS name to 127.0.0.1 and read it) and state-changing `POST`s from
+/// any `Origin`. Only IP addresses and `localhost` are answered, and a
+/// `POST` from a web page is refused.
+#[tokio::test]
+async fn the_admin_api_refuses_web_pages() {
+    let m = mock("m").await;
+    let h = Harness::start(&MeshConfig::new(vec![m.addr()])).await;
+    let admin = h.admin();
+    let get =
+        |host: &str| format!("GET /stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        raw_status(admin, &get("attacker.example:15000")).await,
+        "HTTP/1.1 403 Forbidden"
+    );
+    for host in [
+        admin.to_string(),
+        "localhost:15000".into(),
+        "[::1]:15000".into(),
+    ] {
+        assert_eq!(
+            raw_status(admin, &get(&host)).await,
+            "HTTP/1.1 200 OK",
+            "{host}"
+        );
+    }
+    let post = |origin: &str| {
+        format!(
+            "POST /reset_counters HTTP/1.1\r\nHost: {admin}\r\n{origin}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    };
+    assert_eq!(
+        raw_status(admin, &post("Origin: http://attacker.example\r\n")).await,
+        "HTTP/1.1 403 Forbidden"
+    );
+    assert_eq!(raw_status(admin, &post("")).await, "HTTP/1.1 200 OK");
 }

@@ -145,7 +145,46 @@ fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
     reply(StatusCode::OK, "application/json", format!("{value:#}\n"))
 }
 
+/// Whether a request may use the admin API from where it came: its `Host`
+/// must be an IP address or `localhost` (a web page that rebinds its own
+/// DNS name to 127.0.0.1 sends its name), and a state-changing `POST` must
+/// not come from a web page (browsers send `Origin` with those; the CLI and
+/// scripts do not).
+fn browser_guard(req: &Request<Incoming>) -> Result<(), &'static str> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| h.parse::<http::uri::Authority>().ok());
+    let host_ok = match host {
+        // HTTP/1.0 without Host: not a browser.
+        None => true,
+        Some(None) => false,
+        Some(Some(authority)) => {
+            let name = authority.host();
+            name.eq_ignore_ascii_case("localhost")
+                || name.parse::<std::net::IpAddr>().is_ok()
+                || name
+                    .strip_prefix('[')
+                    .and_then(|n| n.strip_suffix(']'))
+                    .is_some_and(|n| n.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+    };
+    if !host_ok {
+        return Err(
+            "the admin API answers only requests addressed to an IP address or localhost\n",
+        );
+    }
+    if req.method() == Method::POST && req.headers().contains_key(http::header::ORIGIN) {
+        return Err("the admin API does not take POST requests from web pages\n");
+    }
+    Ok(())
+}
+
 fn handle(req: &Request<Incoming>, proxy: &Proxy, status: &ConfigStatus) -> Response<Full<Bytes>> {
+    if let Err(why) = browser_guard(req) {
+        return text(StatusCode::FORBIDDEN, why);
+    }
     let query = Query::parse(req.uri().query());
     let method = req.method();
     let get = method == Method::GET || method == Method::HEAD;
