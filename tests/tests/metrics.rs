@@ -677,6 +677,37 @@ async fn grpc_requests_carry_grpc_status() {
     );
 }
 
+/// Issue 13: a label value an upstream chooses must come from a known set,
+/// or one upstream could grow the series without bound. gRPC statuses
+/// outside 0–16 are counted as 2 (UNKNOWN, as gRPC reads unknown codes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_chosen_label_values_are_clamped() {
+    let m = mock("m").await;
+    let mut config = MeshConfig::new(vec![m.addr()]);
+    config.port_name = "grpc".into();
+    let h = Harness::start(&config).await;
+    for status in [17, 1000, 2_000_000_000] {
+        let out = request(
+            Proto::Grpc,
+            h.addr(),
+            CLIENT_IP,
+            AUTHORITY,
+            &format!("/grpc-status/{status}"),
+            Bytes::new(),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(out.status, Some(200), "{out:?}");
+    }
+    h.log.wait_for(3, Duration::from_secs(10)).await;
+    let after = scrape(&h).await;
+    let statuses: HashSet<String> = after
+        .matching("istio_requests_total", &[("request_protocol", "grpc")])
+        .filter_map(|s| s.labels.get("grpc_response_status").cloned())
+        .collect();
+    assert_eq!(statuses, HashSet::from(["2".to_string()]), "{statuses:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exposition_serves_dashboard_queries() {
     let m = mock("m").await;

@@ -437,13 +437,22 @@ pub struct RequestTelemetry {
 impl RequestTelemetry {
     /// Records the finished exchange (`istio_requests_total`, duration and sizes).
     pub fn record(&self, entry: &AccessLogEntry) {
+        // Label values an upstream chooses come from a known set, so no
+        // upstream can grow the series without bound.
         let key = SeriesKey {
             peer: self.peer.clone(),
             protocol: self.protocol,
-            response_code: entry.response_code,
+            response_code: if (100..=599).contains(&entry.response_code) {
+                entry.response_code
+            } else {
+                0
+            },
             flags: entry.response_flags,
             grpc_status: if self.protocol == PROTOCOL_GRPC {
-                entry.grpc_status
+                // gRPC reads codes it does not define as UNKNOWN (2).
+                entry
+                    .grpc_status
+                    .map(|code| if code <= 16 { code } else { 2 })
             } else {
                 None
             },
