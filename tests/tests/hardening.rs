@@ -833,3 +833,46 @@ async fn the_admin_api_refuses_web_pages() {
     );
     assert_eq!(raw_status(admin, &post("")).await, "HTTP/1.1 200 OK");
 }
+
+/// Defect 10: on SIGTERM, hyper's graceful shutdown closed idle keep-alive
+/// connections at once, under requests their clients were sending (one lost
+/// request per connection). A draining connection now ends only after a
+/// response carrying `Connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_closes_keep_alive_connections_only_after_a_response() {
+    let m = mock("m").await;
+    let mut h = Harness::start(&MeshConfig::new(vec![m.addr()])).await;
+    let addr = h.addr();
+    let client = tokio::spawn(async move {
+        let mut s = nodeway_tests::connect_from(CLIENT_IP, addr)
+            .await
+            .expect("connect");
+        let get = format!("GET /status/200 HTTP/1.1\r\nHost: {AUTHORITY}\r\n\r\n");
+        let mut answered = 0;
+        loop {
+            // Mostly idle between requests, as a pooling client is.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let Some(reply) = keep_alive_exchange(&mut s, &get).await else {
+                return Err(format!(
+                    "request {} lost: the connection closed under it",
+                    answered + 1
+                ));
+            };
+            answered += 1;
+            if reply.to_ascii_lowercase().contains("connection: close") {
+                return Ok(answered);
+            }
+            if answered > 2000 {
+                return Err("never told to close".into());
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let running = h.proxy.take().expect("running proxy");
+    let drained = tokio::time::timeout(Duration::from_secs(10), running.shutdown())
+        .await
+        .expect("shutdown returns");
+    let answered = client.await.unwrap().expect("no request lost");
+    assert!(answered > 10, "{answered}");
+    assert!(drained, "the connection ended within the drain timeout");
+}

@@ -239,7 +239,7 @@ impl World {
             Proto::Http1,
             addr,
             IpAddr::V4(Ipv4Addr::LOCALHOST),
-            "nodeway",
+            &addr.to_string(),
             path,
             Bytes::new(),
             Duration::from_secs(5),

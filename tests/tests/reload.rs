@@ -14,7 +14,7 @@ async fn config_dump(h: &Harness) -> serde_json::Value {
         Proto::Http1,
         h.admin(),
         "127.0.0.1".parse().unwrap(),
-        "admin",
+        &h.admin().to_string(),
         "/config_dump",
         Bytes::new(),
         Duration::from_secs(5),

@@ -59,7 +59,7 @@ async fn stats(h: &Harness, pod: &str) -> Value {
         Proto::Http1,
         h.admin(),
         "127.0.0.1".parse().unwrap(),
-        "admin",
+        &h.admin().to_string(),
         "/stats?format=json",
         Bytes::new(),
         Duration::from_secs(5),

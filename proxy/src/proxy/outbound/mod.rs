@@ -14,8 +14,11 @@ mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
+use ::http::header::CONNECTION;
+use ::http::{HeaderValue, StatusCode};
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -150,9 +153,12 @@ async fn handle_connection(
 }
 
 /// The hyper service answering every request of one downstream connection.
+/// Once `draining` is set (HTTP/1.1), responses carry `Connection: close`,
+/// so the connection ends after a response, never under a request.
 fn request_service(
     proxy: Arc<Proxy>,
     ctx: Arc<ConnContext>,
+    draining: Option<Arc<AtomicBool>>,
 ) -> impl hyper::service::Service<
     ::http::Request<hyper::body::Incoming>,
     Response = ::http::Response<body::ResponseBody>,
@@ -162,7 +168,21 @@ fn request_service(
     > + Send,
 > + Clone
 + Send {
-    service_fn(move |req| http::serve_request(proxy.clone(), ctx.clone(), req))
+    service_fn(move |req| {
+        let answer = http::serve_request(proxy.clone(), ctx.clone(), req);
+        let draining = draining.clone();
+        async move {
+            let mut response = answer.await?;
+            if draining.is_some_and(|d| d.load(Ordering::Relaxed))
+                && response.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(response)
+        }
+    })
 }
 
 async fn serve_http1(
@@ -172,7 +192,8 @@ async fn serve_http1(
     shutdown: CancellationToken,
 ) {
     let settings = &proxy.settings;
-    let svc = request_service(proxy.clone(), ctx.clone());
+    let draining = Arc::new(AtomicBool::new(false));
+    let svc = request_service(proxy.clone(), ctx.clone(), Some(draining.clone()));
     let started = (Instant::now(), SystemTime::now());
     let read = Arc::new(ReadCount::default());
     let timer = HeaderTimer::new(
@@ -193,7 +214,11 @@ async fn serve_http1(
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
+            // Closing an idle keep-alive connection would race a request
+            // the client may be sending: the next response says
+            // `Connection: close` instead, and an idle connection stays
+            // open until then or the end of the drain (as Envoy drains).
+            draining.store(true, Ordering::Relaxed);
             conn.as_mut().await
         }
     };
@@ -246,7 +271,7 @@ async fn serve_http2(
     shutdown: CancellationToken,
 ) {
     let settings = &proxy.settings;
-    let svc = request_service(proxy.clone(), ctx.clone());
+    let svc = request_service(proxy.clone(), ctx.clone(), None);
     let conn = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_request_headers_bytes as u32)
