@@ -876,3 +876,24 @@ async fn draining_closes_keep_alive_connections_only_after_a_response() {
     assert!(answered > 10, "{answered}");
     assert!(drained, "the connection ended within the drain timeout");
 }
+
+/// Defect 11: an HTTP/0.9-style request line (no version) was answered 400
+/// by hyper but logged 414: the log now says what the client got.
+#[tokio::test]
+async fn an_http09_request_is_logged_as_the_400_it_gets() {
+    let m = mock("m").await;
+    let h = Harness::start(&MeshConfig::new(vec![m.addr()])).await;
+    let raw = raw_exchange(
+        h.addr(),
+        CLIENT_IP,
+        b"GET /\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_line(&raw), "HTTP/1.1 400 Bad Request");
+    h.log.wait_for(1, LOG_TIMEOUT).await;
+    let line = &h.log.lines()[0];
+    assert_eq!(field(line, "response_code"), "400");
+    assert_eq!(field(line, "response_flags"), "DPE");
+    assert_eq!(field(line, "response_code_details"), "http1.codec_error");
+}

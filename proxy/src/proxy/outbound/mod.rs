@@ -240,7 +240,9 @@ fn log_http1_connection_error(
         return;
     }
     let text = err.to_string();
-    let (code, details) = if text.contains("URI") {
+    // The status hyper answered: 414 only for a URI too long (an invalid
+    // one, such as HTTP/0.9's request line, is a 400).
+    let (code, details) = if text.contains("URI too long") {
         (414, "http1.codec_error")
     } else if err.is_parse_too_large() {
         (431, "http1.headers_too_large")
