@@ -897,3 +897,59 @@ async fn an_http09_request_is_logged_as_the_400_it_gets() {
     assert_eq!(field(line, "response_flags"), "DPE");
     assert_eq!(field(line, "response_code_details"), "http1.codec_error");
 }
+
+/// Resident memory of this process, from `/proc/self/status`.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Defect 9: every client pod built its own consistent-hash ring on its
+/// first request (and again after any configuration change): with a
+/// `minimumRingSize` of millions, tens of MB and hundreds of ms each. Client
+/// pods with the same endpoints now share one ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_pods_share_one_consistent_hash_ring() {
+    let m = mock("m").await;
+    let mut config = MeshConfig::new(vec![m.addr()]);
+    config.extra = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mock, namespace: default}
+spec:
+  host: mock
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpHeaderName: x-user, minimumRingSize: 4000000}
+"
+    .into();
+    let h = Harness::start(&config).await;
+    // One ring: 4M entries of 12 bytes, ~48 MB (four: ~190 MB).
+    let before = rss_bytes();
+    for n in 0..4u8 {
+        // Distinct source addresses: distinct client pods (unknown ones).
+        let src = std::net::IpAddr::from([127, 0, 2, 10 + n]);
+        let out = request(
+            Proto::Http1,
+            h.addr(),
+            src,
+            AUTHORITY,
+            "/status/200",
+            Bytes::new(),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(out.status, Some(200), "{out:?}");
+    }
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 110 << 20,
+        "4 client pods with the same endpoints grew RSS by {} MiB",
+        grown >> 20
+    );
+}

@@ -2,7 +2,9 @@
 //! ([`request_hash`]) and the ring (Envoy's `RING_HASH`, the default Istio
 //! uses for `consistentHash`).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use crate::state::{ConsistentHashKey, LbPolicy};
 
@@ -114,6 +116,13 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         })
 }
 
+/// What decides a ring's layout.
+#[derive(PartialEq, Eq, Hash)]
+struct RingKey {
+    members: Vec<(usize, SocketAddr)>,
+    min_size: u64,
+}
+
 /// A hash ring over some hosts: sorted entry hashes and, in parallel, the
 /// host index of each entry.
 #[derive(Default)]
@@ -145,6 +154,30 @@ impl Ring {
         entries.sort_unstable();
         let (hashes, hosts) = entries.into_iter().unzip();
         Ring { hashes, hosts }
+    }
+
+    /// The ring for `members` and `min_size`, shared with every balancer
+    /// that asks for the same one: client pods with the same endpoints (and
+    /// configuration generations that did not change them) use one ring
+    /// instead of each building its own, which for a `minimumRingSize` of
+    /// millions costs tens of MB and hundreds of milliseconds.
+    pub fn shared(members: &[(usize, SocketAddr)], min_size: u64) -> Arc<Ring> {
+        static RINGS: LazyLock<Mutex<HashMap<RingKey, Weak<Ring>>>> =
+            LazyLock::new(Default::default);
+        let key = RingKey {
+            members: members.to_vec(),
+            min_size,
+        };
+        // Built under the lock: simultaneous first requests wait for one
+        // build instead of each making the same ring.
+        let mut rings = RINGS.lock().expect("ring cache lock");
+        if let Some(ring) = rings.get(&key).and_then(Weak::upgrade) {
+            return ring;
+        }
+        let ring = Arc::new(Ring::build(members, min_size));
+        rings.retain(|_, ring| ring.strong_count() > 0);
+        rings.insert(key, Arc::downgrade(&ring));
+        ring
     }
 
     #[cfg(test)]

@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::state::{Labels, LbPolicy, Locality, LocalityLbSetting, SimpleLb};
@@ -97,7 +98,7 @@ struct Group {
     /// ROUND_ROBIN position.
     cursor: AtomicU32,
     /// consistentHash ring (empty for other algorithms).
-    ring: Ring,
+    ring: Arc<Ring>,
 }
 
 impl Group {
@@ -188,9 +189,9 @@ impl Balancer {
                 let ring = if algorithm == Algorithm::RingHash {
                     let m: Vec<(usize, SocketAddr)> =
                         list.iter().map(|&i| (i, hosts[i].addr())).collect();
-                    Ring::build(&m, min_ring)
+                    Ring::shared(&m, min_ring)
                 } else {
-                    Ring::default()
+                    Arc::default()
                 };
                 Group {
                     // Like Envoy, start round robin at a random position so
