@@ -953,3 +953,62 @@ spec:
         grown >> 20
     );
 }
+
+/// Defect 11: every source address that matched no pod got client state of
+/// its own, kept forever: connections from many addresses grew the
+/// registry without bound. Past a bound they share one client state.
+#[tokio::test]
+async fn unknown_sources_share_state_past_a_bound() {
+    let m = mock("m").await;
+    let h = Harness::start_with(
+        &MeshConfig::new(vec![m.addr()]),
+        std::sync::Arc::new(FixedOriginalDst(None)),
+        |opts| opts.settings.max_unknown_clients = 4,
+    )
+    .await;
+    for n in 1..=8u8 {
+        let out = request(
+            Proto::Http1,
+            h.addr(),
+            std::net::IpAddr::from([127, 0, 4, n]),
+            AUTHORITY,
+            "/status/200",
+            Bytes::new(),
+            CALL_TIMEOUT,
+        )
+        .await;
+        assert_eq!(out.status, Some(200), "{out:?}");
+    }
+    let dump = raw_exchange(
+        h.admin(),
+        "127.0.0.1".parse().unwrap(),
+        format!(
+            "GET /config_dump HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            h.admin()
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&dump);
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let dump: serde_json::Value = serde_json::from_str(body).expect("config_dump JSON");
+    let mut sources: Vec<String> = dump["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["source_pod"].as_str().map(str::to_owned))
+        .collect();
+    sources.sort();
+    sources.dedup();
+    assert_eq!(
+        sources,
+        vec![
+            "127.0.4.1",
+            "127.0.4.2",
+            "127.0.4.3",
+            "127.0.4.4",
+            "unknown-clients"
+        ],
+    );
+}

@@ -263,14 +263,21 @@ pub struct ClientRegistry {
     generation: AtomicU64,
     node: Arc<NodeBudget>,
     clients: Mutex<HashMap<Arc<str>, Arc<ClientPod>>>,
+    /// Most clients that match no pod kept apart (by source address);
+    /// further ones share [`UNKNOWN_CLIENTS_KEY`].
+    max_unknown_clients: usize,
 }
 
+/// The one client state of sources beyond `max_unknown_clients`.
+pub const UNKNOWN_CLIENTS_KEY: &str = "unknown-clients";
+
 impl ClientRegistry {
-    pub fn new(node: NodeBudget) -> Self {
+    pub fn new(node: NodeBudget, max_unknown_clients: usize) -> Self {
         ClientRegistry {
             generation: AtomicU64::new(0),
             node: Arc::new(node),
             clients: Mutex::default(),
+            max_unknown_clients,
         }
     }
 
@@ -293,6 +300,16 @@ impl ClientRegistry {
         dialer: &Dialer,
     ) -> Arc<ClientPod> {
         let mut clients = self.clients.lock().expect("registry lock");
+        // Sources that match no pod are kept apart up to a bound, so that
+        // connections from many addresses cannot grow the registry forever.
+        let key = if workload.is_none()
+            && !clients.contains_key(&key)
+            && clients.values().filter(|c| c.workload.is_none()).count() >= self.max_unknown_clients
+        {
+            Arc::from(UNKNOWN_CLIENTS_KEY)
+        } else {
+            key
+        };
         // A pod enrolled again (new network namespace) starts afresh.
         if let Some(existing) = clients.get(&key)
             && !existing.dialer.same_netns(dialer)

@@ -65,6 +65,9 @@ pub struct ProxySettings {
     pub max_pending_requests: u32,
     /// Largest share (percent) of each node-wide cap one client pod may hold (default 50).
     pub max_client_share_percent: u32,
+    /// Sources matching no pod that get client state of their own (by
+    /// address); more share one (default 1024).
+    pub max_unknown_clients: usize,
 }
 
 impl Default for ProxySettings {
@@ -80,6 +83,7 @@ impl Default for ProxySettings {
             max_upstream_connections: 16 * 1024,
             max_pending_requests: 16 * 1024,
             max_client_share_percent: 50,
+            max_unknown_clients: 1024,
         }
     }
 }
@@ -104,11 +108,14 @@ impl Proxy {
         Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             logger,
-            clients: ClientRegistry::new(NodeBudget::new(
-                settings.max_upstream_connections,
-                settings.max_pending_requests,
-                settings.max_client_share_percent,
-            )),
+            clients: ClientRegistry::new(
+                NodeBudget::new(
+                    settings.max_upstream_connections,
+                    settings.max_pending_requests,
+                    settings.max_client_share_percent,
+                ),
+                settings.max_unknown_clients,
+            ),
             settings,
             original_dst,
         }
