@@ -354,3 +354,35 @@ fn command_line_durations_use_the_config_grammar() {
     assert_ne!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("/nonexistent/nodeway.yaml"), "{stderr}");
 }
+
+/// Issue 13: deeply nested YAML took the parser time that grows with the
+/// square of the depth (40 000 levels: 11.6 s); such a document is refused
+/// before parsing, with a clear problem, and the other documents are read.
+#[test]
+fn validate_refuses_absurdly_nested_yaml() {
+    let dir = TempDir::new("cli");
+    let path = dir.0.join("deep.yaml");
+    let deep = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: deep, labels: {{a: {}{}}}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: fine, labels: {{a: b}}}}\n",
+        "[".repeat(40_000),
+        "]".repeat(40_000)
+    );
+    std::fs::write(&path, deep).unwrap();
+    let out = Command::new(nodeway_bin())
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("document 1")
+            && stdout.contains("nested deeper than 64 levels of [ ] or { }"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "only the deep document: {stdout}"
+    );
+}

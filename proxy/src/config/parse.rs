@@ -31,6 +31,63 @@ enum ParseError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "nested deeper than {MAX_FLOW_DEPTH} levels of [ ] or {{ }}; no Kubernetes or Istio object needs that"
+    )]
+    TooDeep,
+}
+
+/// Deepest nesting of flow collections (`[…]`, `{…}`) a document may have:
+/// the YAML parser's time grows with the square of the depth (40 000
+/// levels took 11 s), and no object Nodeway reads nests more than a few.
+const MAX_FLOW_DEPTH: usize = 64;
+
+/// Whether `text` nests flow collections deeper than [`MAX_FLOW_DEPTH`];
+/// brackets inside quoted scalars and comments do not count. A quote opens
+/// a scalar only where a token starts (so `don't` is no quote).
+fn too_deep(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let token_start = i == 0
+            || bytes
+                .get(i - 1)
+                .is_some_and(|p| p.is_ascii_whitespace() || b"[{,:-".contains(p));
+        match b {
+            b'"' | b'\'' if token_start => {
+                // Skip to the closing quote ('' and \" are escaped quotes).
+                i += 1;
+                while let Some(&c) = bytes.get(i) {
+                    if b == b'"' && c == b'\\' {
+                        i += 1;
+                    } else if c == b {
+                        if b == b'\'' && bytes.get(i + 1) == Some(&b'\'') {
+                            i += 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    i += 1;
+                }
+            }
+            b'#' if token_start => {
+                while bytes.get(i).is_some_and(|&c| c != b'\n') {
+                    i += 1;
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Warnings found while reading documents.
@@ -153,6 +210,10 @@ pub fn parse_documents(
             problems,
         };
         if !document.has_content {
+            continue;
+        }
+        if too_deep(&document.text) {
+            cx.error("-", ParseError::TooDeep);
             continue;
         }
         let mut value: Value = match serde_yaml_ng::from_str(&document.text) {
@@ -463,6 +524,28 @@ fn split_documents(yaml: &str) -> Vec<RawDocument> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_depth_counts_brackets_outside_quotes_and_comments() {
+        assert!(!too_deep("a: [1, {b: [2]}]"));
+        let deep = format!("a: {}{}", "[".repeat(65), "]".repeat(65));
+        assert!(too_deep(&deep));
+        let shallow = format!("a: {}{}", "[".repeat(64), "]".repeat(64));
+        assert!(!too_deep(&shallow));
+        // Brackets in quoted scalars and comments are text.
+        let quoted = format!(
+            "a: \"{}\"\nb: '{}'\n# {}\n",
+            "[".repeat(100),
+            "{".repeat(100),
+            "[".repeat(100)
+        );
+        assert!(!too_deep(&quoted));
+        // An apostrophe inside a word opens no quote.
+        let words = "d: [it's]\n".repeat(100);
+        assert!(!too_deep(&words));
+        // Escaped quotes stay inside their scalar.
+        assert!(!too_deep("a: 'it''s [' \nb: \"say \\\"[\\\"\""));
+    }
 
     fn numbers_and_lines(yaml: &str) -> Vec<(usize, usize, bool)> {
         split_documents(yaml)
