@@ -1012,3 +1012,52 @@ async fn unknown_sources_share_state_past_a_bound() {
         ],
     );
 }
+
+/// Defect 11: an HTTP/2 client that resets each stream a few milliseconds
+/// after HEADERS was never cut off (2 000 streams reached 864 upstream
+/// requests): hyper's limit counts only streams reset before they are
+/// handled. Envoy's premature-reset rule closes the connection once half of
+/// 500 ended streams were reset within a second of their start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_rapid_reset_is_cut_off_by_the_premature_reset_rule() {
+    const STREAMS: usize = 1500;
+    let m = mock("m").await;
+    let h = Harness::start(&MeshConfig::new(vec![m.addr()])).await;
+    let stream = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+        .await
+        .expect("connect");
+    let (mut client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
+    let conn_task = tokio::spawn(conn);
+    let mut sent = 0usize;
+    let run = tokio::time::timeout(Duration::from_secs(60), async {
+        for _ in 0..STREAMS {
+            if std::future::poll_fn(|cx| client.poll_ready(cx))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            let req = http::Request::builder()
+                .method("GET")
+                .uri(format!("http://{AUTHORITY}/delay/1000"))
+                .body(())
+                .expect("request");
+            let Ok((_response, mut send)) = client.send_request(req, true) else {
+                break;
+            };
+            sent += 1;
+            // Long enough for the proxy to take the stream and forward it.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            send.send_reset(h2::Reason::CANCEL);
+        }
+    })
+    .await;
+    assert!(run.is_ok(), "the reset loop must end in time");
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn_task).await;
+    assert!(
+        sent < 700,
+        "the connection took {sent} prematurely reset streams before it was closed"
+    );
+    assert!(sent >= 500, "closed after only {sent} streams");
+}

@@ -17,6 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use super::PrematureResets;
 use super::clients::UpstreamHold;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::{AccessLogEntry, AccessLogger};
@@ -308,6 +309,8 @@ pub struct Exchange {
     pub logger: AccessLogger,
     pub request_body: Option<BodyProgress>,
     pub done: bool,
+    /// The downstream connection's premature-reset tally (HTTP/2 abuse).
+    pub resets: Option<Arc<PrematureResets>>,
     /// Where `istio_requests_total` and friends are recorded when it ends.
     pub telemetry: RequestTelemetry,
 }
@@ -318,6 +321,9 @@ impl Exchange {
             return;
         }
         self.done = true;
+        if let Some(resets) = self.resets.take() {
+            resets.stream_ended(self.started.elapsed(), false);
+        }
         let now = Instant::now();
         self.entry.duration = now - self.started;
         if let Some(body) = &self.request_body {
@@ -336,6 +342,9 @@ impl Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         if !self.done {
+            if let Some(resets) = self.resets.take() {
+                resets.stream_ended(self.started.elapsed(), true);
+            }
             // The client went away before the exchange completed.
             self.entry
                 .response_flags

@@ -24,9 +24,11 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
 use crate::redirect::OriginalDst;
 use crate::redirect::netns::Dialer;
@@ -146,6 +148,43 @@ pub struct ConnContext {
     pub vip_target: Option<ServiceTarget>,
     /// Per-client upstream state (pools, breakers, outlier detection).
     pub client_pod: Arc<ClientPod>,
+    /// Streams the client reset early (HTTP/2 abuse), as Envoy counts them.
+    pub resets: Arc<PrematureResets>,
+}
+
+/// Envoy's premature-reset rule for a downstream HTTP/2 connection: once
+/// [`PREMATURE_RESET_STREAMS`] streams have ended, the connection is closed
+/// if at least half of them were reset by the client within
+/// [`PREMATURE_RESET_LIFETIME`] of their start (a slow rapid reset that
+/// hyper's pending-reset limit does not see: each stream reaches the
+/// upstream before it is cancelled).
+#[derive(Debug, Default)]
+pub struct PrematureResets {
+    ended: AtomicU32,
+    premature: AtomicU32,
+    /// Cancelled when the rule trips.
+    pub tripped: CancellationToken,
+}
+
+/// Envoy's `premature_reset_total_stream_count` default.
+pub const PREMATURE_RESET_STREAMS: u32 = 500;
+/// Envoy's `premature_reset_min_stream_lifetime_seconds` default.
+pub const PREMATURE_RESET_LIFETIME: Duration = Duration::from_secs(1);
+
+impl PrematureResets {
+    /// One stream ended; `lifetime` is how long it lived, `reset_by_client`
+    /// whether the client cut it off before its exchange completed.
+    pub fn stream_ended(&self, lifetime: Duration, reset_by_client: bool) {
+        let ended = self.ended.fetch_add(1, Ordering::Relaxed) + 1;
+        let premature = if reset_by_client && lifetime < PREMATURE_RESET_LIFETIME {
+            self.premature.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.premature.load(Ordering::Relaxed)
+        };
+        if ended >= PREMATURE_RESET_STREAMS && premature * 2 >= ended {
+            self.tripped.cancel();
+        }
+    }
 }
 
 /// The enrolled pod a listener inside a pod's network namespace belongs to:

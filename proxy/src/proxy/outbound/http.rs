@@ -73,6 +73,7 @@ pub async fn serve_request(
         logger: proxy.logger.clone(),
         request_body: None,
         done: false,
+        resets: Some(conn.resets.clone()),
         telemetry: RequestTelemetry {
             series: conn.client_pod.unrouted.clone(),
             peer: PeerLabels::unknown(),

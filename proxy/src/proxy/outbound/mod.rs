@@ -116,6 +116,7 @@ async fn handle_connection(
         source_workload,
         source_namespace,
         vip_target,
+        resets: Arc::default(),
     });
 
     // A redirected connection to something that is not a Service goes where
@@ -285,6 +286,15 @@ async fn serve_http2(
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+        _ = ctx.resets.tripped.cancelled() => {
+            tracing::warn!(
+                peer = %ctx.peer,
+                client = %ctx.client_key,
+                "closing an HTTP/2 connection: most of its streams were reset by the client right after they started (Envoy's premature-reset rule)"
+            );
             conn.as_mut().graceful_shutdown();
             conn.as_mut().await
         }
