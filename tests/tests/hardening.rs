@@ -1061,3 +1061,25 @@ async fn slow_rapid_reset_is_cut_off_by_the_premature_reset_rule() {
     );
     assert!(sent >= 500, "closed after only {sent} streams");
 }
+
+/// Defect 11: `CONNECT` was forwarded upstream and logged 200. Envoy's
+/// routes need a path, which CONNECT lacks: `404 NR`, nothing sent upstream.
+#[tokio::test]
+async fn connect_requests_find_no_route() {
+    let up = RawUpstream::start(false).await;
+    let h = Harness::start(&MeshConfig::new(vec![up.addr])).await;
+    let raw = raw_exchange(
+        h.addr(),
+        CLIENT_IP,
+        format!("CONNECT {AUTHORITY} HTTP/1.1\r\nHost: {AUTHORITY}\r\n\r\n").as_bytes(),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(status_line(&raw), "HTTP/1.1 404 Not Found");
+    h.log.wait_for(1, LOG_TIMEOUT).await;
+    let line = &h.log.lines()[0];
+    assert_eq!(field(line, "method"), "CONNECT");
+    assert_eq!(field(line, "response_code"), "404");
+    assert_eq!(field(line, "response_flags"), "NR");
+    assert!(up.heads.lock().unwrap().is_empty());
+}

@@ -123,6 +123,11 @@ pub async fn serve_request(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(reply);
     }
+    // Envoy's routes match on paths, which CONNECT has none of: `404 NR`
+    // (tunnelling through the mesh is not offered).
+    if req.method() == http::Method::CONNECT {
+        return Ok(no_route(exchange, is_grpc));
+    }
     let snap = proxy.snapshot.load_full();
     let client_ns: &str = conn
         .client
