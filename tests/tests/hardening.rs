@@ -1083,3 +1083,65 @@ async fn connect_requests_find_no_route() {
     assert_eq!(field(line, "response_flags"), "NR");
     assert!(up.heads.lock().unwrap().is_empty());
 }
+
+/// Defect 11: the DestinationRule's `tcp.idleTimeout` was ignored for TCP
+/// (L4) connections, which stayed open forever. An idle TCP connection is
+/// closed after it (Envoy's `tcp_proxy` idle timeout; 1 h by default), and
+/// the access log says why.
+#[tokio::test]
+async fn tcp_connections_close_after_the_tcp_idle_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(30), tokio::io::copy(&mut r, &mut w))
+                        .await;
+            });
+        }
+    });
+    let mut config = MeshConfig::new(vec![echo]);
+    config.port_name = "tcp".into();
+    config.extra = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mock, namespace: default}
+spec:
+  host: mock
+  trafficPolicy:
+    connectionPool:
+      tcp: {idleTimeout: 1s}
+"
+    .into();
+    let vip: std::net::SocketAddr = "10.96.0.20:8080".parse().unwrap();
+    let h = Harness::start_with(
+        &config,
+        std::sync::Arc::new(FixedOriginalDst(Some(vip))),
+        |_| {},
+    )
+    .await;
+    let mut s = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.expect("echo");
+    assert_eq!(&buf, b"ping");
+    let idle_from = tokio::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    let waited = idle_from.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "closed after {waited:?}, tcp.idleTimeout 1s"
+    );
+    h.log.wait_for(1, LOG_TIMEOUT).await;
+    let line = &h.log.lines()[0];
+    assert_eq!(
+        field(line, "connection_termination_details"),
+        "idle_timeout"
+    );
+    assert_eq!(field(line, "bytes_received"), "4");
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
+use super::idle::{CountingIo, ReadCount};
 use super::sniff::PrefixedStream;
 
 use crate::lb::PickContext;
@@ -129,16 +130,25 @@ pub(super) async fn serve_service(
             ClusterStats::inc(&cluster.stats.upstream_cx_active);
             entry.upstream_local_address = Some(local);
             // Draining does not cut TCP streams; the process exit at the end of the drain does.
-            match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-                Ok((from_client, from_upstream)) => {
-                    entry.bytes_received += from_client;
-                    entry.bytes_sent += from_upstream;
-                }
-                Err(err) => {
+            let (end, from_client, from_upstream) = relay_until_idle(
+                &mut downstream,
+                &mut upstream,
+                config.settings.tcp_idle_timeout,
+            )
+            .await;
+            entry.bytes_received += from_client;
+            entry.bytes_sent += from_upstream;
+            match end {
+                RelayEnd::Closed => {}
+                RelayEnd::Failed(err) => {
                     tracing::debug!(%err, "TCP proxy connection ended with an error");
                     entry
                         .response_flags
                         .set(ResponseFlag::UpstreamConnectionTermination);
+                }
+                RelayEnd::Idle => {
+                    tracing::debug!("TCP proxy connection closed after its idle timeout");
+                    entry.connection_termination_details = Some("idle_timeout".into());
                 }
             }
             ClusterStats::dec(&cluster.stats.upstream_cx_active);
@@ -146,4 +156,55 @@ pub(super) async fn serve_service(
     }
     drop(permit);
     finish(entry, &peer);
+}
+
+/// How a relay ended.
+enum RelayEnd {
+    Closed,
+    Failed(std::io::Error),
+    /// Nothing was read from either side for the idle timeout.
+    Idle,
+}
+
+/// Bytes both ways until either side ends, or until nothing was read from
+/// either side for `idle` (DestinationRule `tcp.idleTimeout`, as Envoy's
+/// `tcp_proxy`); dropping the streams then closes them. Returns how it
+/// ended and the bytes read from the client and from the upstream.
+async fn relay_until_idle(
+    downstream: &mut PrefixedStream,
+    upstream: &mut tokio::net::TcpStream,
+    idle: std::time::Duration,
+) -> (RelayEnd, u64, u64) {
+    let (from_client, from_upstream) = (
+        Arc::new(ReadCount::default()),
+        Arc::new(ReadCount::default()),
+    );
+    let mut down = CountingIo::new(downstream, from_client.clone());
+    let mut up = CountingIo::new(upstream, from_upstream.clone());
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    let activity = || from_client.get() + from_upstream.get();
+    // Checked four times per period: closed within 1.25 × `idle` of the last byte.
+    let tick = (idle / 4).max(std::time::Duration::from_millis(1));
+    let mut quiet = std::time::Duration::ZERO;
+    let end = loop {
+        let seen = activity();
+        tokio::select! {
+            result = &mut copy => break match result {
+                Ok(_) => RelayEnd::Closed,
+                Err(err) => RelayEnd::Failed(err),
+            },
+            _ = tokio::time::sleep(tick) => {
+                if activity() == seen {
+                    quiet += tick;
+                    if quiet >= idle {
+                        break RelayEnd::Idle;
+                    }
+                } else {
+                    quiet = std::time::Duration::ZERO;
+                }
+            }
+        }
+    };
+    (end, from_client.get(), from_upstream.get())
 }

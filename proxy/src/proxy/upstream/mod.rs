@@ -34,6 +34,8 @@ pub struct ConnSettings {
     pub max_requests_per_connection: Option<u32>,
     /// `http.idleTimeout` (or `tcp.idleTimeout`), default 1 h; `0s` disables it.
     pub idle_timeout: Duration,
+    /// `tcp.idleTimeout` for TCP (L4) connections, default 1 h; `0s` disables it.
+    pub tcp_idle_timeout: Duration,
     /// `tcp.maxConnectionDuration`; `0s` means none.
     pub max_connection_duration: Option<Duration>,
     pub tcp_keepalive: Option<TcpKeepalive>,
@@ -49,6 +51,7 @@ impl Default for ConnSettings {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_requests_per_connection: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            tcp_idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connection_duration: None,
             tcp_keepalive: None,
             max_concurrent_streams: u32::MAX,
@@ -77,6 +80,11 @@ impl ConnSettings {
                 Some(zero) if zero.is_zero() => Duration::MAX,
                 Some(timeout) => timeout,
                 None => d.idle_timeout,
+            },
+            tcp_idle_timeout: match tcp.and_then(|t| t.idle_timeout) {
+                Some(zero) if zero.is_zero() => Duration::MAX,
+                Some(timeout) => timeout,
+                None => d.tcp_idle_timeout,
             },
             max_connection_duration: tcp
                 .and_then(|t| t.max_connection_duration)
