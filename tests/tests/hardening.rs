@@ -1145,3 +1145,25 @@ spec:
     );
     assert_eq!(field(line, "bytes_received"), "4");
 }
+
+/// Defect 11: a TLS ClientHello or other non-HTTP bytes to the node-side
+/// listener, with no Service behind the connection, was closed with no log
+/// line. It is logged as Envoy logs a connection no filter chain matches.
+#[tokio::test]
+async fn unroutable_non_http_connections_are_logged() {
+    let m = mock("m").await;
+    let h = Harness::start(&MeshConfig::new(vec![m.addr()])).await;
+    let mut s = nodeway_tests::connect_from(CLIENT_IP, h.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    h.log.wait_for(1, LOG_TIMEOUT).await;
+    let line = &h.log.lines()[0];
+    assert_eq!(field(line, "response_flags"), "NR");
+    assert_eq!(field(line, "response_code"), "0");
+    assert_eq!(field(line, "source_workload"), "sleep");
+    assert_ne!(field(line, "bytes_received"), "0");
+}

@@ -65,6 +65,7 @@ async fn handle_connection(
     shutdown: CancellationToken,
     pod: Option<Arc<ListenerPod>>,
 ) {
+    let accepted_at = (Instant::now(), SystemTime::now());
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr() else {
         return;
@@ -146,8 +147,20 @@ async fn handle_connection(
             None => {
                 // Not HTTP and no Service to send it to (passthrough is for
                 // in-pod listeners only): we never relay to an address the
-                // client merely names.
+                // client merely names. Logged as Envoy logs a connection no
+                // filter chain matches: `NR`.
                 tracing::debug!(%peer, "non-HTTP connection to no Service; closing");
+                let mut entry = AccessLogEntry::new(
+                    accepted_at.1,
+                    ctx.source_workload.clone(),
+                    ctx.source_namespace.clone(),
+                );
+                entry.response_flags.set(ResponseFlag::NoRouteFound);
+                entry.downstream_remote_address = Some(ctx.peer);
+                entry.downstream_local_address = Some(ctx.orig_dst.unwrap_or(ctx.local));
+                entry.bytes_received = stream.prefix_len() as u64;
+                entry.duration = accepted_at.0.elapsed();
+                proxy.logger.log(entry);
             }
         },
     }

@@ -100,6 +100,11 @@ impl PrefixedStream {
     pub fn new(prefix: Bytes, inner: TcpStream) -> Self {
         PrefixedStream { prefix, inner }
     }
+
+    /// Bytes read ahead and not yet replayed.
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.len()
+    }
 }
 
 impl AsyncRead for PrefixedStream {
