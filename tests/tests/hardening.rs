@@ -20,6 +20,20 @@ fn field<'a>(line: &'a nodeway_tests::access_log::Entry, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("field {key} missing in {line:?}"))
 }
 
+/// `GET /status/200` from the client pod, through the proxy.
+async fn get_status_200(h: &Harness) -> nodeway_tests::Outcome {
+    request(
+        Proto::Http1,
+        h.addr(),
+        CLIENT_IP,
+        AUTHORITY,
+        "/status/200",
+        Bytes::new(),
+        CALL_TIMEOUT,
+    )
+    .await
+}
+
 /// Status line of a raw HTTP/1.1 response.
 fn status_line(raw: &[u8]) -> String {
     let end = raw
@@ -37,16 +51,7 @@ async fn the_largest_retry_attempts_serve_a_request() {
     let m = mock("m").await;
     let h =
         Harness::start(&MeshConfig::new(vec![m.addr()]).with_route("5s", 2147483647, "5xx")).await;
-    let out = request(
-        Proto::Http1,
-        h.addr(),
-        CLIENT_IP,
-        AUTHORITY,
-        "/status/200",
-        Bytes::new(),
-        CALL_TIMEOUT,
-    )
-    .await;
+    let out = get_status_200(&h).await;
     assert_eq!(out.status, Some(200), "{out:?}");
     h.log.wait_for(1, LOG_TIMEOUT).await;
     let line = &h.log.lines()[0];
@@ -78,16 +83,7 @@ async fn case_insensitive_prefix_against_a_multibyte_path_is_no_match() {
     assert_eq!(field(line, "response_code"), "404");
     assert_eq!(field(line, "response_flags"), "NR");
     // The route still matches what it should.
-    let out = request(
-        Proto::Http1,
-        h.addr(),
-        CLIENT_IP,
-        AUTHORITY,
-        "/status/200",
-        Bytes::new(),
-        CALL_TIMEOUT,
-    )
-    .await;
+    let out = get_status_200(&h).await;
     assert_eq!(out.status, Some(200), "{out:?}");
 }
 
@@ -164,16 +160,7 @@ async fn one_byte_holders_cost_no_cpu_and_are_closed_at_the_sniff_deadline() {
         );
     }
     // And the proxy still serves.
-    let out = request(
-        Proto::Http1,
-        h.addr(),
-        CLIENT_IP,
-        AUTHORITY,
-        "/status/200",
-        Bytes::new(),
-        CALL_TIMEOUT,
-    )
-    .await;
+    let out = get_status_200(&h).await;
     assert_eq!(out.status, Some(200), "{out:?}");
 }
 
@@ -716,16 +703,7 @@ spec:
     .into();
     let h = Harness::start(&config).await;
     for _ in 0..2 {
-        let out = request(
-            Proto::Http1,
-            h.addr(),
-            CLIENT_IP,
-            AUTHORITY,
-            "/status/200",
-            Bytes::new(),
-            CALL_TIMEOUT,
-        )
-        .await;
+        let out = get_status_200(&h).await;
         assert_eq!(out.status, Some(200), "{out:?}");
     }
     h.log.wait_for(2, LOG_TIMEOUT).await;

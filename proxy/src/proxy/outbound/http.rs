@@ -89,39 +89,21 @@ pub async fn serve_request(
     if req.version() != http::Version::HTTP_2
         && head_size(&req) > proxy.settings.max_request_headers_bytes
     {
-        exchange
-            .entry
-            .response_flags
-            .set(ResponseFlag::DownstreamProtocolError);
-        let mut reply = local_reply(
+        return Ok(protocol_error(
             exchange,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "http1.headers_too_large",
-            "",
             false,
-        );
-        reply
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(reply);
+        ));
     }
     // RFC 9112 §3.2: more than one Host makes the request invalid.
     if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
-        exchange
-            .entry
-            .response_flags
-            .set(ResponseFlag::DownstreamProtocolError);
-        let mut reply = local_reply(
+        return Ok(protocol_error(
             exchange,
             StatusCode::BAD_REQUEST,
             "http1.codec_error",
-            "",
             is_grpc,
-        );
-        reply
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(reply);
+        ));
     }
     // Envoy's routes match on paths, which CONNECT has none of: `404 NR`
     // (tunnelling through the mesh is not offered).
@@ -191,6 +173,24 @@ pub async fn serve_request(
 }
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A malformed request (`DPE`): answered, and the connection closed.
+fn protocol_error(
+    mut exchange: Box<Exchange>,
+    status: StatusCode,
+    details: &str,
+    is_grpc: bool,
+) -> Response<ResponseBody> {
+    exchange
+        .entry
+        .response_flags
+        .set(ResponseFlag::DownstreamProtocolError);
+    let mut reply = local_reply(exchange, status, details, "", is_grpc);
+    reply
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    reply
+}
 
 /// `404` with `NR`: nothing this client may reach answers to that name.
 fn no_route(mut exchange: Box<Exchange>, is_grpc: bool) -> Response<ResponseBody> {
