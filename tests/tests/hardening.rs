@@ -464,6 +464,8 @@ struct RawUpstream {
     heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// Set when the first connection (the early-503 one) was closed by the proxy.
     first_closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections the proxy has closed.
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RawUpstream {
@@ -474,14 +476,24 @@ impl RawUpstream {
         let complete = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let first_closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (bodies, closed, seen_heads) = (complete.clone(), first_closed.clone(), heads.clone());
+        let closed_count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (bodies, closed, seen_heads, closed_all) = (
+            complete.clone(),
+            first_closed.clone(),
+            heads.clone(),
+            closed_count.clone(),
+        );
         tokio::spawn(async move {
             let mut index = 0;
             while let Ok((mut s, _)) = listener.accept().await {
                 let first = index == 0;
                 index += 1;
-                let (bodies, closed, seen_heads) =
-                    (bodies.clone(), closed.clone(), seen_heads.clone());
+                let (bodies, closed, seen_heads, closed_all) = (
+                    bodies.clone(),
+                    closed.clone(),
+                    seen_heads.clone(),
+                    closed_all.clone(),
+                );
                 tokio::spawn(async move {
                     let mut got = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -515,6 +527,7 @@ impl RawUpstream {
                                 if first {
                                     closed.store(true, Ordering::SeqCst);
                                 }
+                                closed_all.fetch_add(1, Ordering::SeqCst);
                                 return;
                             }
                             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
@@ -529,6 +542,7 @@ impl RawUpstream {
             complete,
             heads,
             first_closed,
+            closed: closed_count,
         }
     }
 }
@@ -1144,4 +1158,35 @@ async fn unroutable_non_http_connections_are_logged() {
     assert_eq!(field(line, "response_code"), "0");
     assert_eq!(field(line, "source_workload"), "sleep");
     assert_ne!(field(line, "bytes_received"), "0");
+}
+
+/// An idle upstream keep-alive connection was only closed when the next
+/// request found it too old, so one that was never needed again stayed
+/// open for good. Its own timer now closes it after `idleTimeout`.
+#[tokio::test]
+async fn idle_upstream_connections_close_on_their_own() {
+    let up = RawUpstream::start(false).await;
+    let mut config = MeshConfig::new(vec![up.addr]);
+    config.extra = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mock, namespace: default}
+spec:
+  host: mock
+  trafficPolicy:
+    connectionPool:
+      http: {idleTimeout: 1s}
+"
+    .into();
+    let h = Harness::start(&config).await;
+    let out = get_status_200(&h).await;
+    assert_eq!(out.status, Some(200), "{out:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while up.closed.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle upstream connection is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -49,6 +49,7 @@ impl Lease {
             let now = Instant::now();
             if !conn.sender.is_closed() && settings.reusable(conn.created, conn.requests, now) {
                 conn.idle_since = now;
+                conn.clock.idle();
                 pool.h1_idle.lock().expect("pool lock").push(conn);
             }
             // Either way capacity may have changed: a reusable connection, or one closing.
@@ -63,6 +64,77 @@ pub struct IdleH1 {
     created: Instant,
     requests: u32,
     idle_since: Instant,
+    clock: Arc<IdleClock>,
+}
+
+/// When an upstream connection last went idle (no request on it), so its
+/// driver task closes it after the idle timeout by itself, rather than at
+/// the next checkout (which may never come).
+#[derive(Debug)]
+struct IdleClock {
+    base: Instant,
+    /// Milliseconds after `base` it went idle; `u64::MAX` while busy.
+    idle_since_ms: AtomicU64,
+}
+
+impl IdleClock {
+    fn busy_now() -> Arc<IdleClock> {
+        Arc::new(IdleClock {
+            base: Instant::now(),
+            idle_since_ms: AtomicU64::new(u64::MAX),
+        })
+    }
+
+    fn busy(&self) {
+        self.idle_since_ms.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    fn idle(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.idle_since_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long the connection has been idle; `None` while busy.
+    fn idle_for(&self) -> Option<Duration> {
+        match self.idle_since_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(
+                self.base
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms)),
+            ),
+        }
+    }
+}
+
+/// Drives an upstream connection until it ends, or until it has been idle
+/// for `idle_timeout` (`upstream_cx_idle_timeout`): dropping it closes it.
+async fn drive_until_idle(
+    conn: impl Future<Output = Result<(), hyper::Error>>,
+    clock: Arc<IdleClock>,
+    idle_timeout: Duration,
+    stats: &ClusterStats,
+    protocol: &'static str,
+) {
+    tokio::pin!(conn);
+    // Checked four times per period: closed within 1.25 × the timeout.
+    let tick = (idle_timeout / 4).max(Duration::from_millis(1));
+    loop {
+        tokio::select! {
+            ended = &mut conn => {
+                if let Err(err) = ended {
+                    tracing::debug!(%err, protocol, "upstream connection ended");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(tick) => {
+                if clock.idle_for().is_some_and(|idle| idle >= idle_timeout) {
+                    ClusterStats::inc(&stats.upstream_cx_idle_timeout);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 struct H2Conn {
@@ -71,6 +143,7 @@ struct H2Conn {
     created: Instant,
     active: AtomicU32,
     streams: AtomicU32,
+    clock: Arc<IdleClock>,
 }
 
 /// One open stream on a shared HTTP/2 connection.
@@ -81,7 +154,9 @@ pub struct H2Stream {
 
 impl Drop for H2Stream {
     fn drop(&mut self) {
-        self.conn.active.fetch_sub(1, Ordering::AcqRel);
+        if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.conn.clock.idle();
+        }
         self.budgets.cluster.capacity.notify_waiters();
     }
 }
@@ -253,6 +328,7 @@ impl EndpointPool {
             if !env.settings.reusable(conn.created, conn.requests, now) {
                 continue;
             }
+            conn.clock.busy();
             return Some(conn);
         }
         None
@@ -276,6 +352,7 @@ impl EndpointPool {
                 })
                 .is_ok();
             if took {
+                conn.clock.busy();
                 conn.streams.fetch_add(1, Ordering::AcqRel);
                 return Some(H2Stream {
                     conn: conn.clone(),
@@ -347,10 +424,12 @@ impl EndpointPool {
                     .handshake(TokioIo::new(stream))
                     .await
                     .map_err(classify_hyper)?;
+                let clock = IdleClock::busy_now();
+                let idle_timeout = env.settings.idle_timeout;
+                let driver_clock = clock.clone();
                 tokio::spawn(async move {
-                    if let Err(err) = conn.with_upgrades().await {
-                        tracing::debug!(%err, "upstream HTTP/1.1 connection ended");
-                    }
+                    let conn = conn.with_upgrades();
+                    drive_until_idle(conn, driver_clock, idle_timeout, &stats, "HTTP/1.1").await;
                     ClusterStats::dec(&stats.upstream_cx_active);
                     drop(permit);
                 });
@@ -363,6 +442,7 @@ impl EndpointPool {
                         created,
                         requests: 1,
                         idle_since: created,
+                        clock,
                     },
                     budgets: env.budgets.clone(),
                 });
@@ -378,10 +458,11 @@ impl EndpointPool {
                     .handshake(TokioIo::new(stream))
                     .await
                     .map_err(classify_hyper)?;
+                let clock = IdleClock::busy_now();
+                let idle_timeout = env.settings.idle_timeout;
+                let driver_clock = clock.clone();
                 tokio::spawn(async move {
-                    if let Err(err) = conn.await {
-                        tracing::debug!(%err, "upstream HTTP/2 connection ended");
-                    }
+                    drive_until_idle(conn, driver_clock, idle_timeout, &stats, "HTTP/2").await;
                     ClusterStats::dec(&stats.upstream_cx_active);
                     drop(permit);
                 });
@@ -391,6 +472,7 @@ impl EndpointPool {
                     created,
                     active: AtomicU32::new(1),
                     streams: AtomicU32::new(1),
+                    clock,
                 });
                 self.h2.lock().expect("pool lock").push(conn.clone());
                 send_h2(
