@@ -24,7 +24,7 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -160,14 +160,14 @@ pub struct ConnContext {
 /// upstream before it is cancelled).
 #[derive(Debug, Default)]
 pub struct PrematureResets {
-    ended: AtomicU32,
-    premature: AtomicU32,
+    ended: AtomicU64,
+    premature: AtomicU64,
     /// Cancelled when the rule trips.
     pub tripped: CancellationToken,
 }
 
 /// Envoy's `premature_reset_total_stream_count` default.
-pub const PREMATURE_RESET_STREAMS: u32 = 500;
+pub const PREMATURE_RESET_STREAMS: u64 = 500;
 /// Envoy's `premature_reset_min_stream_lifetime_seconds` default.
 pub const PREMATURE_RESET_LIFETIME: Duration = Duration::from_secs(1);
 
