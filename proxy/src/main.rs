@@ -158,6 +158,20 @@ struct RunArgs {
     /// Largest share (percent) of each node-wide cap a single client pod may hold.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100))]
     max_client_share: u32,
+    /// Node-wide cap on downstream connections; a client pod may hold
+    /// --max-client-share percent of it. Connections over it are closed at
+    /// once and logged with `OM`.
+    #[arg(long, default_value_t = 50_000)]
+    max_downstream_connections: u32,
+    /// Node-wide cap on downstream requests in flight, shared out the same
+    /// way; requests over it get `503` with `OM`.
+    #[arg(long, default_value_t = 50_000)]
+    max_downstream_requests: u32,
+    /// Memory the overload manager measures pressure against (bytes, or a
+    /// Kubernetes quantity such as `512Mi`): at 95% HTTP/1.1 keep-alive is
+    /// disabled, at 98% new requests get `503` (`OM`). Unset: no memory actions.
+    #[arg(long, env = "NODEWAY_OVERLOAD_MEMORY_LIMIT", value_parser = memory_quantity)]
+    overload_memory_limit: Option<u64>,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     worker_threads: Option<usize>,
@@ -180,6 +194,37 @@ struct RunArgs {
 /// as Istio's fields): `500ms`, `5s`, `1m30s`.
 fn go_duration(text: &str) -> Result<Duration, String> {
     config::duration::parse_duration(text).map_err(|err| err.to_string())
+}
+
+/// Bytes as Kubernetes writes a memory quantity: `536870912`, `512Mi`,
+/// `2Gi`, `500M`.
+fn memory_quantity(text: &str) -> Result<u64, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let multiplier: u64 = match unit {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} (use Ki, Mi, Gi, Ti, k, M, G or T)"
+            ));
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a positive memory quantity"))
 }
 
 fn main() -> ExitCode {
@@ -316,6 +361,9 @@ fn run(args: RunArgs) -> ExitCode {
     opts.settings.max_upstream_connections = args.max_upstream_connections;
     opts.settings.max_pending_requests = args.max_pending_requests;
     opts.settings.max_client_share_percent = args.max_client_share;
+    opts.settings.max_downstream_connections = args.max_downstream_connections;
+    opts.settings.max_downstream_requests = args.max_downstream_requests;
+    opts.settings.overload_memory_limit = args.overload_memory_limit;
     opts.load.root_namespace = args.mesh.root_namespace;
     opts.load.cluster_domain = args.mesh.cluster_domain;
     if args.redirect == RedirectMode::Ebpf {

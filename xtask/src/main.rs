@@ -9,7 +9,9 @@
 //! - `demo --loopback [--once]`: no root needed; starts three mock upstreams
 //!   and Nodeway with `deploy/examples/local.yaml`, sends requests as the
 //!   example client pod.
-//! - `test`: the whole test suite, as CI runs it.
+//! - `test`: the whole test suite, as CI runs it (with a short fuzz run).
+//! - `fuzz [--seconds N] [TARGET…]`: builds the cargo-fuzz targets in `fuzz/`
+//!   and runs each for N seconds (default 60); fails on a crash.
 //! - `bench-scrape`: latency of proxied requests with and without a
 //!   `/metrics` scrape every 100 ms (release builds, loopback only).
 
@@ -28,9 +30,10 @@ fn main() -> ExitCode {
         Some("test") => setup().and_then(|_| test()),
         Some("bench") => setup().and_then(|_| bench(&args[1..])),
         Some("bench-scrape") => setup().and_then(|_| bench_scrape()),
+        Some("fuzz") => setup().and_then(|_| fuzz(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|demo [--loopback] [--once]|test|bench [--quick|--smoke]|bench-scrape>"
+                "usage: cargo xtask <setup|demo [--loopback] [--once]|test|fuzz [--seconds N] [TARGET...]|bench [--quick|--smoke]|bench-scrape>"
             );
             return ExitCode::from(2);
         }
@@ -127,6 +130,15 @@ fn setup() -> Result {
     if !have("cargo-nextest") {
         run(Command::new("cargo").args(["install", "--locked", "cargo-nextest"]))?;
     }
+    if !have("cargo-fuzz") {
+        run(Command::new("cargo").args([
+            "install",
+            "--locked",
+            "cargo-fuzz",
+            "--version",
+            "0.13.2",
+        ]))?;
+    }
     let has_rust_src = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
@@ -179,6 +191,9 @@ fn test() -> Result {
     run(Command::new("cargo")
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .current_dir(&root))?;
+    // Every fuzz target, briefly: the harnesses must build and the seeds
+    // must not crash (long campaigns: `cargo xtask fuzz --seconds 3600`).
+    fuzz(&["--seconds".to_owned(), "20".to_owned()])?;
     // Both demos the README shows must work as written.
     loopback_demo(true)?;
     run(&mut ebpf_demo(true)?)?;
@@ -228,6 +243,82 @@ fn bench(flags: &[String]) -> Result {
         cmd.arg(m);
     }
     run(&mut cmd)
+}
+
+/// The cargo-fuzz targets of `fuzz/` (see its `Cargo.toml`).
+const FUZZ_TARGETS: [&str; 5] = [
+    "config_load",
+    "sniff",
+    "route_match",
+    "admin_query",
+    "http_request",
+];
+
+/// `cargo xtask fuzz [--seconds N] [TARGET…]`: builds every target
+/// (nightly, coverage instrumentation, debug assertions; no sanitizer: the
+/// fuzzed code has no `unsafe`, and panics, aborts, hangs and memory blow-ups
+/// are what libFuzzer catches without one), then runs each in turn on its
+/// committed seeds (`fuzz/seeds/`) and growing corpus (`fuzz/corpus/`).
+/// A crash fails the command and leaves its input in `fuzz/artifacts/`.
+fn fuzz(args: &[String]) -> Result {
+    let mut seconds = 60u64;
+    let mut targets = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| *n > 0)
+                    .ok_or("fuzz: --seconds needs a positive number")?;
+            }
+            t if FUZZ_TARGETS.contains(&t) => targets.push(t),
+            other => {
+                return Err(format!(
+                    "fuzz: unknown argument {other:?} (targets: {})",
+                    FUZZ_TARGETS.join(", ")
+                ));
+            }
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.to_vec();
+    }
+    let fuzz_dir = root().join("fuzz");
+    run(Command::new("cargo")
+        .args([
+            "+nightly",
+            "fuzz",
+            "build",
+            "--sanitizer",
+            "none",
+            "--debug-assertions",
+        ])
+        .current_dir(root()))?;
+    for target in targets {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus).map_err(|e| format!("create {corpus:?}: {e}"))?;
+        run(Command::new("cargo")
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                "--sanitizer",
+                "none",
+                "--debug-assertions",
+            ])
+            .arg(target)
+            .arg(&corpus)
+            .arg(fuzz_dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            // A single input may take 10 s (the request-path harness waits
+            // up to 5 s for the proxy); 2 GiB of RSS is a memory blow-up.
+            .args(["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"])
+            .current_dir(root()))?;
+    }
+    Ok(())
 }
 
 struct KillOnDrop(Child);

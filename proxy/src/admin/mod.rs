@@ -19,7 +19,7 @@ pub mod cli;
 mod dump;
 pub mod logging;
 pub mod metrics;
-mod query;
+pub mod query;
 mod stats;
 mod table;
 

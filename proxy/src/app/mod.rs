@@ -292,6 +292,10 @@ pub async fn start(
         tokio::spawn(admin::serve_readiness(listener, shutdown.clone()));
     }
     let connections = TaskTracker::new();
+    tokio::spawn(crate::resilience::overload::monitor_memory(
+        proxy.overload.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(crate::proxy::serve_outbound(
         outbound,
         proxy.clone(),

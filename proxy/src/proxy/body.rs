@@ -19,6 +19,7 @@ use tokio::time::Sleep;
 
 use super::PrematureResets;
 use super::clients::UpstreamHold;
+use crate::resilience::overload::Admission;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::{AccessLogEntry, AccessLogger};
 use crate::telemetry::stats::RequestTelemetry;
@@ -313,6 +314,8 @@ pub struct Exchange {
     pub resets: Option<Arc<PrematureResets>>,
     /// Where `istio_requests_total` and friends are recorded when it ends.
     pub telemetry: RequestTelemetry,
+    /// The request's slot under the downstream caps, given back when it ends.
+    pub admission: Option<Admission>,
 }
 
 impl Exchange {
@@ -321,6 +324,7 @@ impl Exchange {
             return;
         }
         self.done = true;
+        self.admission = None;
         if let Some(resets) = self.resets.take() {
             resets.stream_ended(self.started.elapsed(), false);
         }

@@ -24,6 +24,7 @@ use crate::resilience::breaker::{Breaker, Budgets, ClientBudget, Limits, NodeBud
 use crate::resilience::outlier::{
     AttemptResult, HostOutlier, OutlierConfig, OutlierDetector, OutlierStats,
 };
+use crate::resilience::overload::ClientDownstream;
 use crate::state::{Endpoint, LbPolicy, Snapshot, TrafficPolicy, Workload};
 use crate::telemetry::stats::{ClusterStats, PeerLabels, RequestSeries, SeriesMap};
 
@@ -216,6 +217,8 @@ pub struct ClientPod {
     /// Istio request series of requests that reached no cluster (`NR`, `NC`, …).
     pub unrouted: Arc<SeriesMap<RequestSeries>>,
     budget: Arc<ClientBudget>,
+    /// This client's downstream connections and requests (overload caps).
+    pub downstream: Arc<ClientDownstream>,
     clusters: ArcSwap<HashMap<Arc<str>, Arc<ClientCluster>>>,
     /// Serializes additions to `clusters` (readers never take it).
     insert_lock: Mutex<()>,
@@ -327,6 +330,7 @@ impl ClientRegistry {
                     dialer: dialer.clone(),
                     unrouted: Arc::default(),
                     budget: Arc::default(),
+                    downstream: Arc::default(),
                     clusters: ArcSwap::default(),
                     insert_lock: Mutex::default(),
                 })

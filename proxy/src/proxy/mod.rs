@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::redirect::OriginalDst;
 use crate::redirect::netns::Dialer;
 use crate::resilience::breaker::NodeBudget;
+use crate::resilience::overload::{Overload, OverloadLimits};
 use crate::state::{Snapshot, Workload};
 use crate::telemetry::access_log::AccessLogger;
 use clients::{ClientPod, ClientRegistry, Pruned};
@@ -70,6 +71,15 @@ pub struct ProxySettings {
     /// Sources matching no pod that get client state of their own (by
     /// address); more share one (default 1024).
     pub max_unknown_clients: usize,
+    /// Node-wide cap on downstream connections (default 50 000; a client
+    /// pod may hold `max_client_share_percent` of it).
+    pub max_downstream_connections: u32,
+    /// Node-wide cap on downstream requests in flight (default 50 000;
+    /// shared out the same way).
+    pub max_downstream_requests: u32,
+    /// Memory the overload manager measures pressure against (default
+    /// none: no memory-based actions; the DaemonSet passes its limit).
+    pub overload_memory_limit: Option<u64>,
 }
 
 impl Default for ProxySettings {
@@ -86,6 +96,9 @@ impl Default for ProxySettings {
             max_pending_requests: 16 * 1024,
             max_client_share_percent: 50,
             max_unknown_clients: 1024,
+            max_downstream_connections: 50_000,
+            max_downstream_requests: 50_000,
+            overload_memory_limit: None,
         }
     }
 }
@@ -96,6 +109,8 @@ pub struct Proxy {
     pub snapshot: ArcSwap<Snapshot>,
     pub logger: AccessLogger,
     pub clients: ClientRegistry,
+    /// Downstream caps and the overload manager's state.
+    pub overload: Arc<Overload>,
     pub settings: ProxySettings,
     pub original_dst: Arc<dyn OriginalDst>,
 }
@@ -118,6 +133,12 @@ impl Proxy {
                 ),
                 settings.max_unknown_clients,
             ),
+            overload: Arc::new(Overload::new(OverloadLimits {
+                max_connections: settings.max_downstream_connections,
+                max_requests: settings.max_downstream_requests,
+                client_share_percent: settings.max_client_share_percent,
+                memory_limit: settings.overload_memory_limit,
+            })),
             settings,
             original_dst,
         }

@@ -59,7 +59,7 @@ pub struct Gauge(AtomicU32);
 
 impl Gauge {
     /// Takes one slot if the count stays within `max`.
-    fn try_take(&self, max: u32) -> bool {
+    pub(super) fn try_take(&self, max: u32) -> bool {
         self.0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
@@ -67,7 +67,7 @@ impl Gauge {
             .is_ok()
     }
 
-    fn give(&self) {
+    pub(super) fn give(&self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 

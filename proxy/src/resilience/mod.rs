@@ -5,4 +5,5 @@
 
 pub mod breaker;
 pub mod outlier;
+pub mod overload;
 pub mod retry;

@@ -32,6 +32,10 @@ pub enum ResponseFlag {
     UpstreamProtocolError,
     /// `NC`: no cluster found.
     NoClusterFound,
+    /// `OM`: refused by the overload manager (a downstream cap or memory).
+    OverloadManager,
+    /// `SI`: stream idle timeout.
+    StreamIdleTimeout,
 }
 
 impl ResponseFlag {
@@ -49,6 +53,8 @@ impl ResponseFlag {
             ResponseFlag::DownstreamProtocolError => "DPE",
             ResponseFlag::UpstreamProtocolError => "UPE",
             ResponseFlag::NoClusterFound => "NC",
+            ResponseFlag::OverloadManager => "OM",
+            ResponseFlag::StreamIdleTimeout => "SI",
         }
     }
 }

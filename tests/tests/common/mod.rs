@@ -366,3 +366,58 @@ pub fn nodeway_bin() -> PathBuf {
     })
     .clone()
 }
+
+/// `sum(name{labels})` from the proxy's `/metrics` (0 if no series matches):
+/// a plain scan of the text exposition, for tests that read a few values.
+pub async fn metric(h: &Harness, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let addr = h.proxy.as_ref().unwrap().metrics_addr;
+    let out = nodeway_tests::request(
+        nodeway_tests::Proto::Http1,
+        addr,
+        "127.0.0.1".parse().unwrap(),
+        &addr.to_string(),
+        "/metrics",
+        bytes::Bytes::new(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(out.status, Some(200), "{out:?}");
+    let text = out.body_text();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let wanted = series_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Polls `metric` until it equals `want` (or panics after `timeout`).
+pub async fn wait_for_metric(
+    h: &Harness,
+    name: &str,
+    labels: &[(&str, &str)],
+    want: f64,
+    timeout: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let now = metric(h, name, labels).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}{labels:?} is {now}, not {want}, after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -13,6 +13,7 @@ use prometheus_client::metrics::MetricType;
 
 use super::*;
 use crate::proxy::Proxy;
+use crate::resilience::overload::{Admitted, Rejection, resident_memory_bytes};
 use crate::status::ConfigStatus;
 
 pub(super) struct NodewayCollector {
@@ -104,7 +105,7 @@ impl Collector for NodewayCollector {
             gauge,
         )?;
 
-        let mut per_workload: BTreeMap<(Arc<str>, Arc<str>), (u64, u64)> = BTreeMap::new();
+        let mut per_workload: BTreeMap<(Arc<str>, Arc<str>), [u64; 4]> = BTreeMap::new();
         for client in self.proxy.clients.clients() {
             let e = per_workload
                 .entry((
@@ -112,8 +113,10 @@ impl Collector for NodewayCollector {
                     client.source_namespace.clone(),
                 ))
                 .or_default();
-            e.0 += u64::from(client.budget().connections.get());
-            e.1 += u64::from(client.budget().pending.get());
+            e[0] += u64::from(client.budget().connections.get());
+            e[1] += u64::from(client.budget().pending.get());
+            e[2] += u64::from(client.downstream.connections.get());
+            e[3] += u64::from(client.downstream.requests.get());
         }
         let workload_labels = |(w, ns): &(Arc<str>, Arc<str>)| -> Labels<'static> {
             vec![
@@ -126,7 +129,7 @@ impl Collector for NodewayCollector {
             "nodeway_client_upstream_connections",
             "Upstream connections the workload's client pods hold against the node-wide cap.",
             MetricType::Gauge,
-            per_workload.iter().map(|(k, v)| (workload_labels(k), v.0)),
+            per_workload.iter().map(|(k, v)| (workload_labels(k), v[0])),
             gauge,
         )?;
         family(
@@ -134,9 +137,26 @@ impl Collector for NodewayCollector {
             "nodeway_client_pending_requests",
             "Requests of the workload's client pods waiting for a connection, counted against the node-wide cap.",
             MetricType::Gauge,
-            per_workload.iter().map(|(k, v)| (workload_labels(k), v.1)),
+            per_workload.iter().map(|(k, v)| (workload_labels(k), v[1])),
             gauge,
         )?;
+        family(
+            enc,
+            "nodeway_client_downstream_connections",
+            "Downstream connections of the workload's client pods, counted against their share of --max-downstream-connections.",
+            MetricType::Gauge,
+            per_workload.iter().map(|(k, v)| (workload_labels(k), v[2])),
+            gauge,
+        )?;
+        family(
+            enc,
+            "nodeway_client_downstream_requests",
+            "Downstream requests in flight of the workload's client pods, counted against their share of --max-downstream-requests.",
+            MetricType::Gauge,
+            per_workload.iter().map(|(k, v)| (workload_labels(k), v[3])),
+            gauge,
+        )?;
+        self.encode_overload(enc)?;
         let node = self.proxy.clients.node_budget();
         for (name, help, v) in [
             (
@@ -173,6 +193,89 @@ impl Collector for NodewayCollector {
     }
 }
 
+impl NodewayCollector {
+    /// Downstream admission: node-wide gauges, refusals, and the overload
+    /// manager's pressure and actions under Envoy's names.
+    fn encode_overload(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        let overload = &self.proxy.overload;
+        for (name, help, v) in [
+            (
+                "nodeway_downstream_connections",
+                "Downstream connections open on the node.",
+                overload.connections.get(),
+            ),
+            (
+                "nodeway_downstream_connections_limit",
+                "Node-wide cap on downstream connections (--max-downstream-connections).",
+                overload.limits.max_connections,
+            ),
+            (
+                "nodeway_downstream_requests",
+                "Downstream requests in flight on the node.",
+                overload.requests.get(),
+            ),
+            (
+                "nodeway_downstream_requests_limit",
+                "Node-wide cap on downstream requests in flight (--max-downstream-requests).",
+                overload.limits.max_requests,
+            ),
+        ] {
+            family(
+                enc,
+                name,
+                help,
+                MetricType::Gauge,
+                single(u64::from(v)),
+                gauge,
+            )?;
+        }
+        let rejected = [Admitted::Connection, Admitted::Request]
+            .into_iter()
+            .flat_map(|what| Rejection::ALL.into_iter().map(move |why| (what, why)))
+            // A connection is never refused for memory.
+            .filter(|(what, why)| !(*what == Admitted::Connection && *why == Rejection::Memory))
+            .map(|(what, why)| {
+                let labels: Labels<'static> = vec![
+                    ("kind", Cow::Borrowed(what.kind())),
+                    ("reason", Cow::Borrowed(why.reason())),
+                ];
+                (labels, overload.rejected(what, why))
+            });
+        family(
+            enc,
+            "nodeway_downstream_rejected",
+            "Downstream connections and requests refused (access log flag OM): by the node-wide cap, the client pod's share of it, or memory pressure.",
+            MetricType::Counter,
+            rejected,
+            counter,
+        )?;
+        family(
+            enc,
+            "envoy_overload_envoy_resource_monitors_fixed_heap_pressure",
+            "Memory pressure in percent of --overload-memory-limit (Envoy's fixed_heap monitor; 0 without a limit).",
+            MetricType::Gauge,
+            single((overload.pressure() * 100.0) as u64),
+            gauge,
+        )?;
+        family(
+            enc,
+            "envoy_overload_envoy_overload_actions_disable_http_keepalive_active",
+            "1 while memory pressure is at or above 95%: HTTP/1.1 responses carry Connection: close.",
+            MetricType::Gauge,
+            single(u64::from(overload.keepalive_disabled())),
+            gauge,
+        )?;
+        family(
+            enc,
+            "envoy_overload_envoy_overload_actions_stop_accepting_requests_active",
+            "1 while memory pressure is at or above 98%: new requests get 503 (OM).",
+            MetricType::Gauge,
+            single(u64::from(!overload.accepting_requests())),
+            gauge,
+        )
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Process metrics (Linux /proc; absent elsewhere)
 // ---------------------------------------------------------------------------
@@ -183,14 +286,6 @@ pub(super) struct ProcessCollector;
 /// Clock ticks per second of `/proc/<pid>/stat` times: the kernel's USER_HZ,
 /// 100 on every architecture Nodeway runs on.
 const USER_HZ: f64 = 100.0;
-
-/// Resident set size in bytes (`VmRSS` of `/proc/self/status`, in kB).
-fn resident_memory_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
 
 /// User + system CPU time in seconds (`utime`, `stime` of `/proc/self/stat`).
 fn cpu_seconds() -> Option<f64> {
@@ -236,7 +331,6 @@ mod tests {
 
     #[test]
     fn proc_readings() {
-        assert!(resident_memory_bytes().is_some_and(|b| b > 0));
         assert!(cpu_seconds().is_some_and(|s| s >= 0.0));
     }
 }

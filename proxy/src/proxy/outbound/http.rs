@@ -19,6 +19,7 @@ use crate::proxy::clients::ClusterConfig;
 use crate::proxy::route::{self, RequestView, RouteError};
 use crate::proxy::upstream::UpstreamProtocol;
 use crate::proxy::{ConnContext, Proxy};
+use crate::resilience::overload::Admitted;
 use crate::state::AppProtocol;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::AccessLogEntry;
@@ -83,7 +84,18 @@ pub async fn serve_request(
                 PROTOCOL_HTTP
             },
         },
+        admission: None,
     });
+    match proxy.overload.admit_request(&conn.client_pod.downstream) {
+        Ok(admission) => exchange.admission = Some(admission),
+        Err(why) => {
+            return Ok(overloaded(
+                exchange,
+                Admitted::Request.details(why),
+                is_grpc,
+            ));
+        }
+    }
 
     // hyper's read buffer limit is approximate; Envoy's header limit is exact.
     if req.version() != http::Version::HTTP_2
@@ -189,6 +201,27 @@ fn protocol_error(
     reply
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    reply
+}
+
+/// `503` with `OM`, as Envoy's overload manager answers: a downstream cap or
+/// memory pressure refused the request.
+fn overloaded(mut exchange: Box<Exchange>, details: &str, is_grpc: bool) -> Response<ResponseBody> {
+    exchange
+        .entry
+        .response_flags
+        .set(ResponseFlag::OverloadManager);
+    let mut reply = local_reply(
+        exchange,
+        StatusCode::SERVICE_UNAVAILABLE,
+        details,
+        "envoy overloaded",
+        is_grpc,
+    );
+    reply.headers_mut().insert(
+        HeaderName::from_static("x-envoy-overloaded"),
+        HeaderValue::from_static("true"),
+    );
     reply
 }
 

@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use super::{ConnContext, ListenerPod, Proxy, body, route};
 use crate::net::accept_loop;
 use crate::redirect::netns::Dialer;
+use crate::resilience::overload::Admitted;
 use crate::state::AppProtocol;
 use crate::telemetry::ResponseFlag;
 use crate::telemetry::access_log::AccessLogEntry;
@@ -107,6 +108,21 @@ async fn handle_connection(
         client.clone(),
         pod.as_ref().map_or(&Dialer::default(), |p| &p.dialer),
     );
+    // Refused connections are closed at once, before a byte is read.
+    let _admission = match proxy.overload.admit_connection(&client_pod.downstream) {
+        Ok(admission) => admission,
+        Err(why) => {
+            tracing::debug!(%peer, client = %client_key, reason = why.reason(), "downstream connection refused");
+            let mut entry = AccessLogEntry::new(accepted_at.1, source_workload, source_namespace);
+            entry.response_flags.set(ResponseFlag::OverloadManager);
+            entry.response_code_details = Some(Admitted::Connection.details(why).into());
+            entry.downstream_remote_address = Some(peer);
+            entry.downstream_local_address = Some(orig_dst.unwrap_or(local));
+            entry.duration = accepted_at.0.elapsed();
+            proxy.logger.log(entry);
+            return;
+        }
+    };
     let ctx = Arc::new(ConnContext {
         client_pod,
         peer,
@@ -167,7 +183,8 @@ async fn handle_connection(
 }
 
 /// The hyper service answering every request of one downstream connection.
-/// Once `draining` is set (HTTP/1.1), responses carry `Connection: close`,
+/// Once `draining` is set (HTTP/1.1), or while memory pressure disables
+/// keep-alive, responses carry `Connection: close`,
 /// so the connection ends after a response, never under a request.
 fn request_service(
     proxy: Arc<Proxy>,
@@ -185,9 +202,11 @@ fn request_service(
     service_fn(move |req| {
         let answer = http::serve_request(proxy.clone(), ctx.clone(), req);
         let draining = draining.clone();
+        // Envoy's `disable_http_keepalive` overload action (HTTP/1.1 only).
+        let overloaded = draining.is_some() && proxy.overload.keepalive_disabled();
         async move {
             let mut response = answer.await?;
-            if draining.is_some_and(|d| d.load(Ordering::Relaxed))
+            if (overloaded || draining.is_some_and(|d| d.load(Ordering::Relaxed)))
                 && response.status() != StatusCode::SWITCHING_PROTOCOLS
             {
                 response
