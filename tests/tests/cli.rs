@@ -355,6 +355,34 @@ fn command_line_durations_use_the_config_grammar() {
     assert!(stderr.contains("/nonexistent/nodeway.yaml"), "{stderr}");
 }
 
+/// The overload manager's memory limit takes what the downward API writes
+/// (bytes) and Kubernetes quantities; anything else is refused by name.
+#[test]
+fn overload_memory_limits_are_kubernetes_quantities() {
+    let run = |value: &str| {
+        Command::new(nodeway_bin())
+            .args(["run", "--config", "/nonexistent/nodeway.yaml"])
+            .args(["--overload-memory-limit", value])
+            .output()
+            .unwrap()
+    };
+    for bad in ["512MB", "lots", "0", "99999999999Ti"] {
+        let out = run(bad);
+        assert_eq!(out.status.code(), Some(2), "{bad} is refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("invalid value '{bad}' for '--overload-memory-limit")),
+            "{stderr}"
+        );
+    }
+    for good in ["536870912", "512Mi", "1Gi", "500M"] {
+        let out = run(good);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(2), "{good}: {stderr}");
+        assert!(stderr.contains("/nonexistent/nodeway.yaml"), "{stderr}");
+    }
+}
+
 /// Issue 13: deeply nested YAML took the parser time that grows with the
 /// square of the depth (40 000 levels: 11.6 s); such a document is refused
 /// before parsing, with a clear problem, and the other documents are read.

@@ -358,6 +358,14 @@ fn daemonset_settings_agree_with_each_other_and_with_nodeway() {
         env.iter().any(|e| e["name"] == "NODE_NAME"
             && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName")
     );
+    // The overload manager's memory limit is the container's.
+    assert!(
+        env.iter().any(|e| e["name"] == "NODEWAY_OVERLOAD_MEMORY_LIMIT"
+            && e["valueFrom"]["resourceFieldRef"]["resource"] == "limits.memory"
+            && e["valueFrom"]["resourceFieldRef"]["containerName"] == c["name"]),
+        "{env:?}"
+    );
+    assert!(c["resources"]["limits"]["memory"].is_string());
     assert_eq!(flag(ds, "--redirect"), "ebpf");
     assert_eq!(flag(ds, "--sockmap"), "off");
 
