@@ -149,6 +149,11 @@ struct RunArgs {
     /// after this time (Envoy's `idle_timeout`).
     #[arg(long, default_value = "1h", value_parser = go_duration)]
     idle_timeout: Duration,
+    /// A request with no body bytes in either direction for this long ends:
+    /// `408` before the response started, a reset after (flag `SI`; Envoy's
+    /// `stream_idle_timeout`). `0s` disables it.
+    #[arg(long, default_value = "5m", value_parser = go_duration)]
+    stream_idle_timeout: Duration,
     /// Node-wide cap on upstream connections across all client pods.
     #[arg(long, default_value_t = 16384)]
     max_upstream_connections: u32,
@@ -358,6 +363,7 @@ fn run(args: RunArgs) -> ExitCode {
     opts.drain_timeout = args.drain_timeout;
     opts.settings.request_header_timeout = args.request_header_timeout;
     opts.settings.idle_timeout = args.idle_timeout;
+    opts.settings.stream_idle_timeout = args.stream_idle_timeout;
     opts.settings.max_upstream_connections = args.max_upstream_connections;
     opts.settings.max_pending_requests = args.max_pending_requests;
     opts.settings.max_client_share_percent = args.max_client_share;

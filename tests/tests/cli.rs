@@ -371,7 +371,9 @@ fn overload_memory_limits_are_kubernetes_quantities() {
         assert_eq!(out.status.code(), Some(2), "{bad} is refused");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            stderr.contains(&format!("invalid value '{bad}' for '--overload-memory-limit")),
+            stderr.contains(&format!(
+                "invalid value '{bad}' for '--overload-memory-limit"
+            )),
             "{stderr}"
         );
     }

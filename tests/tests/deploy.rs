@@ -360,9 +360,10 @@ fn daemonset_settings_agree_with_each_other_and_with_nodeway() {
     );
     // The overload manager's memory limit is the container's.
     assert!(
-        env.iter().any(|e| e["name"] == "NODEWAY_OVERLOAD_MEMORY_LIMIT"
-            && e["valueFrom"]["resourceFieldRef"]["resource"] == "limits.memory"
-            && e["valueFrom"]["resourceFieldRef"]["containerName"] == c["name"]),
+        env.iter()
+            .any(|e| e["name"] == "NODEWAY_OVERLOAD_MEMORY_LIMIT"
+                && e["valueFrom"]["resourceFieldRef"]["resource"] == "limits.memory"
+                && e["valueFrom"]["resourceFieldRef"]["containerName"] == c["name"]),
         "{env:?}"
     );
     assert!(c["resources"]["limits"]["memory"].is_string());

@@ -8,8 +8,8 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker, ready};
-use std::time::Instant;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -60,6 +60,8 @@ struct ReplayState {
     trailers: Option<HeaderMap>,
     bytes_received: u64,
     completed_at: Option<Instant>,
+    /// When the latest body bytes arrived (stream idle timeout).
+    last_read: Option<Instant>,
     /// The only reader that may read: the latest attempt's.
     active_reader: u64,
     /// Wakes the active reader when a newer one replaces it.
@@ -83,6 +85,11 @@ impl BodyProgress {
     /// How the client's body failed, if it did.
     pub fn client_failure(&self) -> Option<ClientBodyFailure> {
         self.0.lock().expect("body lock").failed
+    }
+
+    /// When body bytes last arrived from the client.
+    pub fn last_read(&self) -> Option<Instant> {
+        self.0.lock().expect("body lock").last_read
     }
 
     /// Body bytes read from the client so far, and when the last one came.
@@ -119,6 +126,7 @@ impl RequestBody {
                 trailers: None,
                 bytes_received: 0,
                 completed_at: None,
+                last_read: None,
                 active_reader: 0,
                 waiting_reader: None,
                 failed: None,
@@ -172,6 +180,13 @@ impl RequestBody {
         self.proxy
             .as_ref()
             .and_then(|s| s.lock().expect("body lock").failed)
+    }
+
+    /// When body bytes last arrived from the client.
+    pub fn last_read(&self) -> Option<Instant> {
+        self.proxy
+            .as_ref()
+            .and_then(|s| s.lock().expect("body lock").last_read)
     }
 
     /// Reads whatever body bytes have already arrived (up to the replay limit)
@@ -268,6 +283,7 @@ impl Body for RequestBody {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     st.bytes_received += data.len() as u64;
+                    st.last_read = Some(Instant::now());
                     if !st.overflowed {
                         if st.buffered_len + data.len() <= REPLAY_BUFFER_LIMIT {
                             st.buffered_len += data.len();
@@ -372,20 +388,37 @@ pub struct ResponseBody {
     exchange: Option<Box<Exchange>>,
     deadline: Option<Pin<Box<Sleep>>>,
     hold: Option<UpstreamHold>,
+    idle: Option<StreamIdle>,
+}
+
+/// Envoy's stream idle timeout while a response streams: no body bytes in
+/// either direction for `timeout` ends the stream (`SI`). The timer exists
+/// only once the upstream body has kept the client waiting.
+struct StreamIdle {
+    timeout: Duration,
+    last_activity: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl ResponseBody {
+    /// `stream_idle`: Envoy's stream idle timeout (`None`: disabled).
     pub fn upstream(
         body: Incoming,
         exchange: Box<Exchange>,
         deadline: Option<Pin<Box<Sleep>>>,
         hold: Option<UpstreamHold>,
+        stream_idle: Option<Duration>,
     ) -> Self {
         let mut this = ResponseBody {
             source: Source::Upstream(body),
             exchange: Some(exchange),
             deadline,
             hold,
+            idle: stream_idle.map(|timeout| StreamIdle {
+                timeout,
+                last_activity: Instant::now(),
+                timer: None,
+            }),
         };
         if let Source::Upstream(b) = &this.source
             && b.is_end_stream()
@@ -402,6 +435,7 @@ impl ResponseBody {
             exchange,
             deadline: None,
             hold: None,
+            idle: None,
         };
         if matches!(this.source, Source::Local(None)) {
             this.complete();
@@ -416,6 +450,7 @@ impl ResponseBody {
             exchange: None,
             deadline: None,
             hold: None,
+            idle: None,
         }
     }
 
@@ -437,6 +472,50 @@ impl ResponseBody {
             ex.entry.response_flags.set(flag);
             ex.entry.response_code_details = Some(details.to_string());
             ex.finish();
+        }
+    }
+
+    /// The stream went idle: `SI`, not the upstream's failure (outlier
+    /// detection does not hear of it).
+    fn fail_idle(&mut self) {
+        drop(self.hold.take());
+        if let Some(mut ex) = self.exchange.take() {
+            ex.entry.response_flags.set(ResponseFlag::StreamIdleTimeout);
+            ex.entry.response_code_details = Some("stream_idle_timeout".into());
+            ex.finish();
+        }
+    }
+
+    /// Whether the stream idle timeout has run out; arms its timer while
+    /// the upstream keeps the client waiting.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let request_activity = self
+            .exchange
+            .as_ref()
+            .and_then(|ex| ex.request_body.as_ref())
+            .and_then(BodyProgress::last_read);
+        let Some(idle) = self.idle.as_mut() else {
+            return false;
+        };
+        if idle.timer.is_none() {
+            // Until now every poll found a frame ready: the stream was active.
+            idle.last_activity = Instant::now();
+        }
+        loop {
+            let last = request_activity.map_or(idle.last_activity, |r| r.max(idle.last_activity));
+            let due = tokio::time::Instant::from_std(last + idle.timeout);
+            let timer = idle
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if tokio::time::Instant::now() >= due {
+                return true;
+            }
         }
     }
 
@@ -523,7 +602,22 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Ok(Frame::data(b))))
             }
             Source::Upstream(body) => {
-                let polled = ready!(Pin::new(&mut *body).poll_frame(cx));
+                let polled = match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(polled) => polled,
+                    Poll::Pending => {
+                        if this.idle_expired(cx) {
+                            this.idle = None;
+                            this.fail_idle();
+                            return Poll::Ready(Some(Err(Box::new(BodyAbort("stream timeout")))));
+                        }
+                        return Poll::Pending;
+                    }
+                };
+                if let Some(idle) = this.idle.as_mut()
+                    && idle.timer.is_some()
+                {
+                    idle.last_activity = Instant::now();
+                }
                 let ended = body.is_end_stream();
                 match polled {
                     None => {

@@ -80,6 +80,17 @@ pub struct ProxySettings {
     /// Memory the overload manager measures pressure against (default
     /// none: no memory-based actions; the DaemonSet passes its limit).
     pub overload_memory_limit: Option<u64>,
+    /// A request with no body bytes in either direction for this long ends
+    /// (`408` before the response, a reset after; flag `SI`). Envoy's
+    /// `stream_idle_timeout`: default 5 min, zero disables.
+    pub stream_idle_timeout: Duration,
+}
+
+impl ProxySettings {
+    /// The stream idle timeout, `None` when disabled.
+    pub fn stream_idle(&self) -> Option<Duration> {
+        (!self.stream_idle_timeout.is_zero()).then_some(self.stream_idle_timeout)
+    }
 }
 
 impl Default for ProxySettings {
@@ -99,6 +110,7 @@ impl Default for ProxySettings {
             max_downstream_connections: 50_000,
             max_downstream_requests: 50_000,
             overload_memory_limit: None,
+            stream_idle_timeout: Duration::from_secs(300),
         }
     }
 }

@@ -26,7 +26,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -102,6 +102,8 @@ struct Forwarder<'a> {
     protocol: UpstreamProtocol,
     /// The route's `timeout`, counted from the request's arrival.
     deadline: Option<TokioInstant>,
+    /// Envoy's stream idle timeout (`None`: disabled).
+    stream_idle: Option<Duration>,
     /// Consistent-hash key of the request, if the cluster hashes.
     hash: Option<u64>,
     max_attempts: u32,
@@ -153,13 +155,15 @@ enum Outcome {
     /// chunk): the client's fault, never retried, not held against the
     /// endpoint.
     ClientFailed(ClientBodyFailure),
+    /// Nothing moved in either direction for the stream idle timeout.
+    StreamIdle,
 }
 
 impl Outcome {
     fn retriable(&self) -> bool {
         match self {
             Outcome::Response { retriable, .. } => *retriable,
-            Outcome::RouteTimeout | Outcome::ClientFailed(_) => false,
+            Outcome::RouteTimeout | Outcome::ClientFailed(_) | Outcome::StreamIdle => false,
             Outcome::Failed(failure) => failure.retriable,
         }
     }
@@ -235,6 +239,7 @@ impl<'a> Forwarder<'a> {
             config,
             protocol,
             deadline,
+            stream_idle: proxy.settings.stream_idle(),
             hash,
             max_attempts,
             attempt: 0,
@@ -312,9 +317,21 @@ impl<'a> Forwarder<'a> {
             request,
             &mut self.exchange.entry.upstream_local_address,
         );
-        let result = match attempt.deadline {
-            Some(at) => tokio::time::timeout_at(at, send).await.ok(),
-            None => Some(send.await),
+        let send = async {
+            match attempt.deadline {
+                Some(at) => tokio::time::timeout_at(at, send).await.ok(),
+                None => Some(send.await),
+            }
+        };
+        let result = match self.stream_idle {
+            None => send.await,
+            Some(idle) => {
+                let since = self.exchange.started;
+                tokio::select! {
+                    result = send => result,
+                    () = stream_idle(&self.body, since, idle) => return Outcome::StreamIdle,
+                }
+            }
         };
         // Envoy counts a request once it is attached to an upstream connection.
         if self.exchange.entry.upstream_local_address.is_some() {
@@ -481,6 +498,20 @@ impl<'a> Forwarder<'a> {
                 drop(attempt);
                 self.client_failed(failure)
             }
+            Outcome::StreamIdle => {
+                drop(attempt);
+                self.exchange
+                    .entry
+                    .response_flags
+                    .set(ResponseFlag::StreamIdleTimeout);
+                local_reply(
+                    self.exchange,
+                    StatusCode::REQUEST_TIMEOUT,
+                    "stream_idle_timeout",
+                    "stream timeout",
+                    self.is_grpc,
+                )
+            }
             Outcome::Failed(failure) => {
                 drop(attempt);
                 let entry = &mut self.exchange.entry;
@@ -599,8 +630,22 @@ impl<'a> Forwarder<'a> {
         let deadline = self.deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
         Response::from_parts(
             parts,
-            ResponseBody::upstream(body, self.exchange, deadline, hold),
+            ResponseBody::upstream(body, self.exchange, deadline, hold, self.stream_idle),
         )
+    }
+}
+
+/// Returns once neither the request's arrival (`since`) nor any later
+/// request body bytes are within `idle` of now: Envoy's stream idle timeout
+/// while waiting for response headers.
+async fn stream_idle(body: &RequestBody, since: Instant, idle: Duration) {
+    loop {
+        let last = body.last_read().map_or(since, |read| read.max(since));
+        let due = TokioInstant::from_std(last + idle);
+        if TokioInstant::now() >= due {
+            return;
+        }
+        tokio::time::sleep_until(due).await;
     }
 }
 
