@@ -7,6 +7,7 @@ pub mod clients;
 pub mod ebpf_mesh;
 pub mod fake_apiserver;
 pub mod grpc;
+pub mod h2_frames;
 pub mod mock;
 pub mod topology;
 

@@ -18,40 +18,16 @@ use nodeway_tests::{Proto, connect_from, request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const PING: u8 = 6;
-const SETTINGS: u8 = 4;
-const HEADERS: u8 = 1;
-const DATA: u8 = 0;
-const GOAWAY: u8 = 7;
-const END_HEADERS: u8 = 0x4;
-const ENHANCE_YOUR_CALM: u32 = 11;
+use nodeway_tests::h2_frames::*;
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(9 + payload.len());
-    f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
-    f.extend_from_slice(&[kind, flags]);
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// `POST /echo` to the mock Service (HPACK: indexed `:method POST`,
-/// `:scheme http`, literal `:path` and `:authority`).
+/// `POST /echo` to the mock Service.
 fn post_headers() -> Vec<u8> {
-    let mut block = vec![0x83, 0x86];
-    for (index, value) in [(0x04u8, "/echo"), (0x01, AUTHORITY)] {
-        block.push(index);
-        block.push(value.len() as u8);
-        block.extend_from_slice(value.as_bytes());
-    }
-    block
+    request_block(true, "/echo", AUTHORITY)
 }
 
 async fn open_h2(h: &Harness) -> TcpStream {
     let mut stream = connect_from(CLIENT_IP, h.addr()).await.unwrap();
-    stream.write_all(PREFACE).await.unwrap();
-    stream.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    stream.write_all(&client_preface()).await.unwrap();
     stream
 }
 
@@ -149,8 +125,8 @@ async fn empty_data_frames_get_goaway_enhance_your_calm() {
         }
         let mut at = 0;
         while received.len() >= at + 9 {
-            let len = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]])
-                as usize;
+            let len =
+                u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]) as usize;
             if received.len() < at + 9 + len {
                 break;
             }
