@@ -418,15 +418,15 @@ pub fn run(nodeway: &Path, mode: Mode) -> Result<Scenario, String> {
 // ---------------------------------------------------------------------------
 
 /// What one configuration measured.
-struct Measured {
+pub(crate) struct Measured {
     /// From spawn to the first answer of `/ready`.
     ready: Duration,
-    memory: Memory,
+    pub(crate) memory: Memory,
     /// Per recorded update: from the rename to the new generation seen.
     applied: Vec<Duration>,
     /// Per recorded update: `applied` minus the wait for the poll.
-    work: Vec<Duration>,
-    rss_after_updates_kib: u64,
+    pub(crate) work: Vec<Duration>,
+    pub(crate) rss_after_updates_kib: u64,
     file_bytes: usize,
     /// The slowest admin answer while updates were awaited.
     admin_stall: Duration,
@@ -438,7 +438,7 @@ const ONE_ARENA: &[(&str, &str)] = &[("MALLOC_ARENA_MAX", "1")];
 /// Starts the proxy on `shape` with `env` added to its environment,
 /// measures, applies `runs` recorded updates (after one unrecorded one that
 /// finds the poll phase), stops it.
-fn measure_config(
+pub(crate) fn measure_config(
     nodeway: &Path,
     dir: &Path,
     env: &[(&str, &str)],
@@ -588,15 +588,16 @@ fn check_dump(dump: &serde_json::Value, generation: u64, services: usize) -> Res
 
 /// Resident and proportional set size.
 #[derive(Clone, Copy, Debug)]
-struct Memory {
-    rss_kib: u64,
+pub(crate) struct Memory {
+    pub(crate) rss_kib: u64,
     pss_kib: u64,
 }
 
 /// A running `nodeway run`; killed (and reaped) when dropped.
-struct Proxy {
+pub(crate) struct Proxy {
     child: Child,
     admin: SocketAddr,
+    outbound: SocketAddr,
     stderr: PathBuf,
 }
 
@@ -604,7 +605,7 @@ impl Proxy {
     /// Spawns the proxy on `config` and waits until its admin API answers;
     /// returns it with the time that took. Retries with other ports if one
     /// was taken between choosing and binding it.
-    fn launch(
+    pub(crate) fn launch(
         nodeway: &Path,
         config: &Path,
         dir: &Path,
@@ -651,6 +652,7 @@ impl Proxy {
         Ok(Proxy {
             child,
             admin,
+            outbound,
             stderr,
         })
     }
@@ -732,7 +734,28 @@ impl Proxy {
     }
 
     /// RSS and PSS from `/proc/PID/smaps_rollup` (no root needed for our own child).
-    fn memory(&self) -> Result<Memory, String> {
+    /// The outbound listener (`--outbound-addr`).
+    pub(crate) fn outbound(&self) -> SocketAddr {
+        self.outbound
+    }
+
+    /// User + system CPU time of the proxy process so far, in seconds.
+    pub(crate) fn cpu_seconds(&self) -> Result<f64, String> {
+        let path = format!("/proc/{}/stat", self.child.id());
+        let stat = fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        match (ticks(11), ticks(12)) {
+            // USER_HZ is 100 on every architecture Nodeway runs on.
+            (Some(user), Some(system)) => Ok((user + system) as f64 / 100.0),
+            _ => Err(format!("unexpected {path}: {stat}")),
+        }
+    }
+
+    pub(crate) fn memory(&self) -> Result<Memory, String> {
         let path = format!("/proc/{}/smaps_rollup", self.child.id());
         let text = fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
         let field = |name: &str| {
@@ -851,10 +874,10 @@ fn sleep_until(when: Instant) {
 }
 
 /// A unique directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new() -> Result<TempDir, String> {
+    pub(crate) fn new() -> Result<TempDir, String> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -995,7 +1018,7 @@ fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
 
-fn median(durations: &[Duration]) -> Duration {
+pub(crate) fn median(durations: &[Duration]) -> Duration {
     let mut sorted = durations.to_vec();
     sorted.sort();
     match sorted.len() {

@@ -11,7 +11,10 @@
 //!   readiness of a system, from inside the client pod.
 //! - `nodeway-bench backend --http ADDR [--echo ADDR] [--fail-rate F]`: the
 //!   backend (mock upstream: HTTP/1.1, h2c, gRPC; TCP echo).
+//! - `nodeway-bench allocators NAME=BINARY…`: the same proxy built with
+//!   different global allocators, compared (see `allocators.rs`).
 
+mod allocators;
 mod backend;
 mod config_scale;
 mod harness;
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Some("gen") => gen_cmd(&args[1..]),
         Some("probe") => probe_cmd(&args[1..]),
         Some("backend") => backend::main(&args[1..]),
+        Some("allocators") => allocators::main(&args[1..]),
         _ => Err("usage: nodeway-bench run|gen|backend ...".to_owned()),
     };
     match result {

@@ -232,6 +232,17 @@ fn memory_quantity(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is not a positive memory quantity"))
 }
 
+#[cfg(all(feature = "jemalloc", feature = "mimalloc"))]
+compile_error!("choose one allocator: features `jemalloc` and `mimalloc` exclude each other");
+
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

@@ -1190,3 +1190,31 @@ spec:
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `tcpKeepalive` values Istio accepts (or rounds) but Linux refuses —
+/// `probes: 0`, a time under a second, an interval over 32 767 s — were
+/// passed to `setsockopt` as they were, so every connection to the service
+/// failed (`503 UF`). Nodeway now leaves a zero count to the kernel, as
+/// Istio does, and clamps the rest to what Linux takes.
+#[tokio::test]
+async fn tcp_keepalive_values_linux_refuses_do_not_break_connections() {
+    let m = mock("m").await;
+    let mut config = MeshConfig::new(vec![m.addr()]);
+    config.extra = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mock, namespace: default}
+spec:
+  host: mock
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        tcpKeepalive: {probes: 0, time: 500ms, interval: 10h}
+"
+    .into();
+    let h = Harness::start(&config).await;
+    let out = get_status_200(&h).await;
+    assert_eq!(out.status, Some(200), "{out:?}");
+    h.log.wait_for(1, LOG_TIMEOUT).await;
+    assert_eq!(field(&h.log.lines()[0], "response_flags"), "-");
+}

@@ -91,6 +91,8 @@ fn setup() -> Result {
         ("bpftool", "bpftool"),
         ("kubectl", "kubernetes-client"),
         ("haproxy", "haproxy"),
+        // jemalloc (the proxy's allocator) is built from source with make.
+        ("make", "make"),
     ] {
         if !have(program) {
             packages.push(package);

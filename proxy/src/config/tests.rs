@@ -647,10 +647,6 @@ spec:
                 "must set exactly one of exact, prefix or regex"
             ),
             (
-                "spec.http[0].match[0].port",
-                "must be between 1 and 65535, got 0"
-            ),
-            (
                 "spec.http[0].route[0].destination.port.number",
                 "must be between 1 and 65535, got 0"
             ),
@@ -726,7 +722,7 @@ spec:
     - destination: {host: a, subset: v9}
       weight: 70
     timeout: 0s
-    retries: {attempts: 0, retryRemoteLocalities: true}
+    retries: {attempts: 0}
 "#;
     let loaded = load_ok(yaml);
     let warnings: Vec<String> = loaded
@@ -763,7 +759,7 @@ spec:
     let retries = route.retries.as_ref().unwrap();
     assert_eq!(
         (retries.attempts, retries.retry_remote_localities),
-        (0, true)
+        (0, false)
     );
     let weights: Vec<(u32, Option<&str>, Option<u16>)> = route
         .route
@@ -1117,4 +1113,64 @@ fn objects_can_be_built_without_yaml() {
         ]
     );
     assert_eq!(snapshot.virtual_services[0].http.len(), 1);
+}
+
+/// Issue 13: what Istio's validation rejects, `validate` rejects too, with
+/// Istio's reason (istio/istio `pkg/config/validation`), and what Istio
+/// reads as unset is not an error.
+#[test]
+fn istio_rejections_are_rejections_here() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dr, namespace: shop}
+spec:
+  host: a
+  subsets:
+  - {name: v1.0, labels: {version: "1.0"}}
+  - {name: v1_beta, labels: {version: beta}}
+  - {name: -v2, labels: {version: "2"}}
+  - {name: v3, labels: {version: "3"}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: everything, namespace: shop}
+spec:
+  hosts: ["*"]
+  http:
+  - route: [destination: {host: a, subset: v1.0}]
+    retries: {perTryTimeout: 2s, retryOn: 5xx}
+  - route: [destination: {host: a}]
+    retries: {attempts: 0, retryRemoteLocalities: false}
+  - route: [destination: {host: a, subset: v3}]
+    retries: {attempts: 0}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: gateway-only, namespace: shop}
+spec:
+  hosts: ["*"]
+  gateways: [shop/ingress]
+  http:
+  - match: [{port: 0}]
+    route: [destination: {host: a}]
+"#;
+    let errors = load(yaml).unwrap_err();
+    let found: Vec<String> = errors
+        .iter()
+        .map(|p| format!("{} {}: {}", p.name, p.field, p.message))
+        .collect();
+    let dns = "it must be a DNS-1123 label (letters, digits and '-', starting and ending with a letter or digit, at most 63)";
+    assert_eq!(
+        found,
+        [
+            format!("shop/dr spec.subsets[0].name: subset name \"v1.0\" is invalid: {dns}"),
+            format!("shop/dr spec.subsets[1].name: subset name \"v1_beta\" is invalid: {dns}"),
+            format!("shop/dr spec.subsets[2].name: subset name \"-v2\" is invalid: {dns}"),
+            "shop/everything spec.hosts[0]: wildcard host * is not allowed for virtual services bound to the mesh gateway".to_string(),
+            format!("shop/everything spec.http[0].route[0].destination.subset: subset name \"v1.0\" is invalid: {dns}"),
+            "shop/everything spec.http[0].retries: http retry policy configured when attempts are set to 0 (disabled); set attempts, or remove the policy".to_string(),
+            "shop/everything spec.http[1].retries: http retry policy configured when attempts are set to 0 (disabled); set attempts, or remove the policy".to_string(),
+        ]
+    );
 }

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use super::services::resolve_short_name;
-use super::{Cx, Invalid, Minimum, Note};
+use super::{Cx, Invalid, Minimum, Note, is_dns1123_label};
 use crate::config::{LoadOptions, istio};
 use crate::state::{
     ConnectionPool, ConsistentHashKey, DestinationRule, H2UpgradePolicy, HttpSettings, LbPolicy,
@@ -33,6 +33,8 @@ pub(super) fn destination_rule(
         let name = subset.name.clone().unwrap_or_default();
         if name.is_empty() {
             cx.error(&format!("{path}.name"), Invalid::Required);
+        } else if !is_dns1123_label(&name) {
+            cx.error(&format!("{path}.name"), Invalid::SubsetName(name.clone()));
         } else if !names.insert(name.clone()) {
             cx.error(
                 &format!("{path}.name"),

@@ -75,6 +75,16 @@ enum Invalid {
     ZeroTotalWeight,
     #[error("at least one host is required")]
     NoHosts,
+    #[error("wildcard host * is not allowed for virtual services bound to the mesh gateway")]
+    MeshWildcardHost,
+    #[error(
+        "http retry policy configured when attempts are set to 0 (disabled); set attempts, or remove the policy"
+    )]
+    RetriesWithoutAttempts,
+    #[error(
+        "subset name {0:?} is invalid: it must be a DNS-1123 label (letters, digits and '-', starting and ending with a letter or digit, at most 63)"
+    )]
+    SubsetName(String),
     #[error("duplicate subset name {0:?}")]
     DuplicateSubset(String),
     #[error("duplicate port {0} in portLevelSettings")]
@@ -97,6 +107,16 @@ enum Invalid {
     PodIpInUse { ip: IpAddr, other: String },
     #[error("{addr} is already used by Service {other}")]
     VipInUse { addr: SocketAddr, other: String },
+}
+
+/// Istio's rule for subset names (`labels.IsDNS1123Label`).
+fn is_dns1123_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let edge = |b: &u8| b.is_ascii_alphanumeric();
+    (1..=63).contains(&bytes.len())
+        && bytes.first().is_some_and(edge)
+        && bytes.last().is_some_and(edge)
+        && bytes.iter().all(|b| edge(b) || *b == b'-')
 }
 
 /// Things that load but deserve the user's attention (the message of a warning [`Problem`]).

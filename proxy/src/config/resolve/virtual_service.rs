@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::services::{host_matches, resolve_short_name};
-use super::{Cx, Invalid, Minimum, Note};
+use super::{Cx, Invalid, Minimum, Note, is_dns1123_label};
 use crate::config::duration::parse_duration;
 use crate::config::{LoadOptions, istio};
 use crate::state::{
@@ -26,9 +26,12 @@ pub(super) fn virtual_service(
     if spec.hosts.is_empty() {
         cx.error("spec.hosts", Invalid::NoHosts);
     }
+    let mesh_bound = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
     for (i, host) in spec.hosts.iter().enumerate() {
         if host.is_empty() {
             cx.error(&format!("spec.hosts[{i}]"), Invalid::Empty);
+        } else if host == "*" && mesh_bound {
+            cx.error(&format!("spec.hosts[{i}]"), Invalid::MeshWildcardHost);
         }
     }
     if !spec.tcp.is_empty() {
@@ -124,6 +127,15 @@ fn http_route(
             }
             Some(port) => cx.port(port.number, &format!("{dest_path}.destination.port.number")),
         };
+        if let Some(subset) = destination.subset.as_deref()
+            && !subset.is_empty()
+            && !is_dns1123_label(subset)
+        {
+            cx.error(
+                &format!("{dest_path}.destination.subset"),
+                Invalid::SubsetName(subset.to_string()),
+            );
+        }
         destinations.push(RouteDestination {
             host_fqdn: resolve_short_name(&host, namespace, &opts.cluster_domain),
             host,
@@ -144,6 +156,14 @@ fn http_route(
         Some(t) if parse_duration(t) == Ok(Duration::ZERO) => None,
         t => cx.duration(t, &field("timeout"), Minimum::OneMillisecond),
     };
+    if let Some(retries) = &route.retries
+        && retries.attempts.unwrap_or(0) == 0
+        && (retries.per_try_timeout.is_some()
+            || retries.retry_on.as_deref().is_some_and(|r| !r.is_empty())
+            || retries.retry_remote_localities.is_some())
+    {
+        cx.error(&field("retries"), Invalid::RetriesWithoutAttempts);
+    }
     let retries = route.retries.as_ref().map(|retries| {
         let retry_on = match retries.retry_on.as_deref().map(str::trim) {
             None | Some("") => Some(RetryOn::istio_default()),
@@ -213,7 +233,11 @@ fn http_match(cx: &mut Cx<'_>, m: &istio::HttpMatchRequest, path: &str) -> HttpM
         headers,
         without_headers,
         query_params,
-        port: m.port.and_then(|port| cx.port(Some(port), &field("port"))),
+        // Istio reads port 0 as unset.
+        port: m
+            .port
+            .filter(|port| *port != 0)
+            .and_then(|port| cx.port(Some(port), &field("port"))),
         source_labels: m.source_labels.clone(),
         source_namespace: m.source_namespace.clone(),
         ignore_uri_case: m.ignore_uri_case.unwrap_or(false),

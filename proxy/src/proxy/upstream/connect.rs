@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 
@@ -66,6 +67,11 @@ pub enum SendFailure {
     Overflow,
 }
 
+/// Linux's bounds on `TCP_KEEPIDLE` / `TCP_KEEPINTVL` and `TCP_KEEPCNT`.
+const KEEPALIVE_MIN: Duration = Duration::from_secs(1);
+const KEEPALIVE_MAX: Duration = Duration::from_secs(32767);
+const KEEPALIVE_MAX_PROBES: u32 = 127;
+
 /// Opens a TCP connection with Istio's `connectTimeout` and `tcpKeepalive`.
 pub async fn connect(
     addr: SocketAddr,
@@ -75,15 +81,20 @@ pub async fn connect(
     let socket = dialer.tcp_socket(addr).map_err(ConnectFailure::Local)?;
     socket.set_nodelay(true).map_err(ConnectFailure::Local)?;
     if let Some(ka) = &settings.tcp_keepalive {
+        // Linux refuses (EINVAL) times outside 1..=32767 s and probe counts
+        // outside 1..=127, which would fail every connection of the cluster:
+        // clamp them, and leave a zero count to the kernel as Istio does
+        // (it does not send `probes: 0` to Envoy).
+        let seconds = |d: Duration| d.clamp(KEEPALIVE_MIN, KEEPALIVE_MAX);
         let mut keepalive = socket2::TcpKeepalive::new();
         if let Some(t) = ka.time {
-            keepalive = keepalive.with_time(t);
+            keepalive = keepalive.with_time(seconds(t));
         }
         if let Some(i) = ka.interval {
-            keepalive = keepalive.with_interval(i);
+            keepalive = keepalive.with_interval(seconds(i));
         }
-        if let Some(p) = ka.probes {
-            keepalive = keepalive.with_retries(p);
+        if let Some(p) = ka.probes.filter(|p| *p > 0) {
+            keepalive = keepalive.with_retries(p.min(KEEPALIVE_MAX_PROBES));
         }
         socket2::SockRef::from(&socket)
             .set_tcp_keepalive(&keepalive)
