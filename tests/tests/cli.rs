@@ -261,7 +261,7 @@ fn run_with_bad_config_exits_nonzero_with_every_problem() {
     let config = dir.0.join("bad.yaml");
     std::fs::write(
         &config,
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: x}\nspec:\n  hosts: []\n  http:\n  - route: []\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: x}\nspec:\n  hosts: [\"*\"]\n  http:\n  - route: []\n",
     )
     .unwrap();
     let mut child = Command::new(nodeway_bin())
@@ -288,7 +288,7 @@ fn run_with_bad_config_exits_nonzero_with_every_problem() {
         .unwrap();
     assert!(!status.success());
     assert!(
-        stderr.contains("spec.hosts") && stderr.contains("spec.http[0].route"),
+        stderr.contains("spec.hosts[0]: wildcard host *") && stderr.contains("spec.http[0].route"),
         "{stderr}"
     );
 }

@@ -409,7 +409,7 @@ spec:
         distribute: [{from: "a/*", to: {"a/b/*": 60, "c/*": 30}}]
     portLevelSettings:
     - port: {number: 70000}
-      loadBalancer: {consistentHash: {}}
+      loadBalancer: {consistentHash: {httpHeaderName: x-user, useSourceIp: true}}
   subsets:
   - name: v1
   - name: v1
@@ -641,7 +641,6 @@ spec:
     assert_eq!(
         fields,
         [
-            ("spec.hosts", "at least one host is required"),
             (
                 "spec.http[0].match[0].uri",
                 "must set exactly one of exact, prefix or regex"
@@ -1155,7 +1154,7 @@ spec:
   - match: [{port: 0}]
     route: [destination: {host: a}]
 "#;
-    let errors = load(yaml).unwrap_err();
+    let errors = load(&format!("{yaml}{EMPTY_MATCHES}")).unwrap_err();
     let found: Vec<String> = errors
         .iter()
         .map(|p| format!("{} {}: {}", p.name, p.field, p.message))
@@ -1172,5 +1171,115 @@ spec:
             "shop/everything spec.http[0].retries: http retry policy configured when attempts are set to 0 (disabled); set attempts, or remove the policy".to_string(),
             "shop/everything spec.http[1].retries: http retry policy configured when attempts are set to 0 (disabled); set attempts, or remove the policy".to_string(),
         ]
+    );
+}
+
+/// Retry conditions Istio accepts but Nodeway does not implement are a
+/// warning, not an error: the file still loads and the other conditions apply.
+#[test]
+fn retry_conditions_istio_accepts_but_nodeway_lacks_are_warnings() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: shop}
+spec:
+  hosts: [a]
+  http:
+  - route: [destination: {host: a}]
+    retries: {attempts: 2, retryOn: "reset-before-request,5xx,envoy-ratelimited"}
+"#;
+    let loaded = load_ok(yaml);
+    let warnings: Vec<String> = loaded
+        .warnings
+        .iter()
+        .filter(|w| w.field.ends_with("retryOn"))
+        .map(|w| w.message.clone())
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "retry condition \"reset-before-request\" is not implemented by Nodeway; ignored (the other conditions apply)",
+            "retry condition \"envoy-ratelimited\" is not implemented by Nodeway; ignored (the other conditions apply)",
+        ]
+    );
+    let retries = loaded.snapshot.virtual_services[0].http[0]
+        .retries
+        .as_ref()
+        .unwrap();
+    assert!(retries.retry_on.five_xx);
+    assert_eq!(retries.retry_on.to_string(), "5xx");
+}
+
+/// Valid in Istio (no match type is "any value"): loads, and matches all.
+const EMPTY_MATCHES: &str = r#"---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: empty-matches, namespace: shop}
+spec:
+  hosts: [a]
+  http:
+  - match: [{uri: {}, method: {}, authority: {}}]
+    route: [destination: {host: a}]
+"#;
+
+/// `consistentHash: {}` is valid Istio: Envoy has nothing to hash and picks
+/// at random, so Nodeway does too, and says so.
+#[test]
+fn consistent_hash_without_a_key_is_random_with_a_warning() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dr, namespace: shop}
+spec:
+  host: a
+  trafficPolicy:
+    loadBalancer: {consistentHash: {ringHash: {minimumRingSize: 1024}}}
+"#;
+    let loaded = load_ok(yaml);
+    let warnings: Vec<String> = loaded
+        .warnings
+        .iter()
+        .map(|w| format!("{}: {}", w.field, w.message))
+        .collect();
+    assert!(
+        warnings.contains(
+            &"spec.trafficPolicy.loadBalancer.consistentHash: consistentHash sets no hash key: requests are spread at random (Envoy has nothing to hash)".to_string()
+        ),
+        "{warnings:?}"
+    );
+    let dr = &loaded.snapshot.destination_rules[0];
+    assert!(matches!(
+        dr.traffic_policy
+            .as_ref()
+            .unwrap()
+            .load_balancer
+            .as_ref()
+            .unwrap()
+            .policy,
+        Some(LbPolicy::Simple(crate::state::SimpleLb::Random))
+    ));
+}
+
+/// Istio reads a VirtualService without hosts as a delegate (valid); Nodeway
+/// does not follow delegates, says so, and loads the rest.
+#[test]
+fn a_virtual_service_without_hosts_is_a_delegate_and_a_warning() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: delegate, namespace: shop}
+spec:
+  http:
+  - route: [destination: {host: a}]
+"#;
+    let loaded = load_ok(yaml);
+    let warnings: Vec<String> = loaded
+        .warnings
+        .iter()
+        .map(|w| format!("{}: {}", w.field, w.message))
+        .collect();
+    assert!(
+        warnings.contains(&"spec.hosts: no hosts: a delegate VirtualService, which Nodeway does not support yet; it routes nothing".to_string()),
+        "{warnings:?}"
     );
 }

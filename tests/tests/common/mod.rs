@@ -64,10 +64,16 @@ impl MeshConfig {
         }
     }
 
-    /// A VirtualService route with the given timeout and retries.
+    /// A VirtualService route with the given timeout and retries (no
+    /// `retryOn` with 0 attempts: Istio refuses a policy that cannot retry).
     pub fn with_route(mut self, timeout: &str, attempts: u32, retry_on: &str) -> Self {
+        let retry_on = if attempts == 0 {
+            String::new()
+        } else {
+            format!("      retryOn: {retry_on}\n")
+        };
         self.route_yaml = Some(format!(
-            "    timeout: {timeout}\n    retries:\n      attempts: {attempts}\n      retryOn: {retry_on}\n"
+            "    timeout: {timeout}\n    retries:\n      attempts: {attempts}\n{retry_on}"
         ));
         self
     }

@@ -335,7 +335,12 @@ fn consistent_hash(cx: &mut Cx<'_>, ch: &istio::ConsistentHash, parent: &str) ->
             i64::MAX,
         ),
     };
-    if keys.len() != 1 {
+    if keys.is_empty() {
+        // Valid in Istio; Envoy then has no hash to look up and picks at random.
+        cx.warn(&path, Note::HashWithoutKey);
+        return Some(LbPolicy::Simple(SimpleLb::Random));
+    }
+    if keys.len() > 1 {
         cx.error(&path, Invalid::HashKeyOneOf);
         return None;
     }

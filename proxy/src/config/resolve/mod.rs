@@ -73,8 +73,6 @@ enum Invalid {
     RouteAndAction(&'static str),
     #[error("weights of multiple destinations must add up to more than 0")]
     ZeroTotalWeight,
-    #[error("at least one host is required")]
-    NoHosts,
     #[error("wildcard host * is not allowed for virtual services bound to the mesh gateway")]
     MeshWildcardHost,
     #[error(
@@ -124,6 +122,18 @@ fn is_dns1123_label(name: &str) -> bool {
 enum Note {
     #[error("{0} routes are not supported yet; ignored")]
     UnsupportedRoutes(&'static str),
+    #[error(
+        "retry condition {0:?} is not implemented by Nodeway; ignored (the other conditions apply)"
+    )]
+    UnimplementedRetryOn(String),
+    #[error(
+        "consistentHash sets no hash key: requests are spread at random (Envoy has nothing to hash)"
+    )]
+    HashWithoutKey,
+    #[error(
+        "no hosts: a delegate VirtualService, which Nodeway does not support yet; it routes nothing"
+    )]
+    DelegateVirtualService,
     #[error("{0} is not supported by Nodeway; this route is ignored")]
     UnsupportedRouteAction(&'static str),
     #[error(

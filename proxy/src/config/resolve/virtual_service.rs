@@ -15,6 +15,15 @@ use crate::state::{
     StringMatch, VirtualService,
 };
 
+/// `retryOn` conditions Istio accepts (its `supportedRetryOnPolicies`) that
+/// Nodeway does not implement.
+const UNIMPLEMENTED_RETRY_ON: [&str; 4] = [
+    "reset-before-request",
+    "retriable-headers",
+    "envoy-ratelimited",
+    "http3-post-connect-failure",
+];
+
 /// Also returns, for each converted HTTP route, its index in `spec.http`
 /// (unsupported routes are skipped).
 pub(super) fn virtual_service(
@@ -24,7 +33,9 @@ pub(super) fn virtual_service(
     opts: &LoadOptions,
 ) -> (VirtualService, Vec<usize>) {
     if spec.hosts.is_empty() {
-        cx.error("spec.hosts", Invalid::NoHosts);
+        // Istio reads a VirtualService without hosts as a delegate, valid
+        // only through another's `delegate:`, which Nodeway does not follow.
+        cx.warn("spec.hosts", Note::DelegateVirtualService);
     }
     let mesh_bound = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
     for (i, host) in spec.hosts.iter().enumerate() {
@@ -167,9 +178,22 @@ fn http_route(
     let retries = route.retries.as_ref().map(|retries| {
         let retry_on = match retries.retry_on.as_deref().map(str::trim) {
             None | Some("") => Some(RetryOn::istio_default()),
-            Some(conditions) => RetryOn::from_str(conditions)
-                .map_err(|err| cx.error(&field("retries.retryOn"), Invalid::RetryOn(err)))
-                .ok(),
+            Some(conditions) => {
+                // Conditions Istio accepts that Nodeway does not implement:
+                // a warning each, and the rest of the policy applies.
+                let (unimplemented, known): (Vec<&str>, Vec<&str>) = conditions
+                    .split(',')
+                    .partition(|c| UNIMPLEMENTED_RETRY_ON.contains(&c.trim()));
+                for condition in unimplemented {
+                    cx.warn(
+                        &field("retries.retryOn"),
+                        Note::UnimplementedRetryOn(condition.trim().to_string()),
+                    );
+                }
+                RetryOn::from_str(&known.join(","))
+                    .map_err(|err| cx.error(&field("retries.retryOn"), Invalid::RetryOn(err)))
+                    .ok()
+            }
         };
         RetryPolicy {
             attempts: cx
@@ -196,10 +220,12 @@ fn http_route(
 
 fn http_match(cx: &mut Cx<'_>, m: &istio::HttpMatchRequest, path: &str) -> HttpMatch {
     let field = |name: &str| format!("{path}.{name}");
+    // Istio reads `uri: {}` as every path and `method: {}`, `authority: {}`
+    // as "present": with no exact, prefix or regex, any value matches.
     let mut single = |value: &Option<istio::StringMatch>, name: &str| {
         value
             .as_ref()
-            .and_then(|sm| string_match(cx, sm, &field(name), false))
+            .and_then(|sm| string_match(cx, sm, &field(name), true))
     };
     let uri = single(&m.uri, "uri");
     let method = single(&m.method, "method");
@@ -244,8 +270,8 @@ fn http_match(cx: &mut Cx<'_>, m: &istio::HttpMatchRequest, path: &str) -> HttpM
     }
 }
 
-/// `presence_if_empty`: for headers and query parameters, Istio reads `{}` as
-/// "present with any value".
+/// `presence_if_empty`: Istio reads `{}` as "present with any value" (for
+/// `uri`, `method` and `authority`: any value).
 fn string_match(
     cx: &mut Cx<'_>,
     sm: &istio::StringMatch,
