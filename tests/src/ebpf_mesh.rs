@@ -273,8 +273,23 @@ impl Mesh {
         mesh
     }
 
-    /// Starts the proxy (again) and waits for its enrolment.
+    /// Starts the proxy (again) and waits for its enrolment. The admin and
+    /// metrics ports were free when chosen; if another process took one
+    /// since, the proxy is started again on fresh ports.
     pub fn start_proxy(&mut self, nodeway: &Path) {
+        for attempt in 1..=3 {
+            match self.try_start_proxy(nodeway) {
+                Ok(()) => return,
+                Err(stderr) if stderr.contains("Address already in use") && attempt < 3 => {
+                    self.admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                    self.metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                }
+                Err(stderr) => panic!("nodeway exited:\n{stderr}"),
+            }
+        }
+    }
+
+    fn try_start_proxy(&mut self, nodeway: &Path) -> Result<(), String> {
         let cgroup = self.topo.cgroup_dir().join("proxy");
         let cgroup = if cgroup.is_dir() {
             cgroup
@@ -333,10 +348,12 @@ impl Mesh {
                 && status["mode"] == "ebpf"
                 && status["enrolled"].as_array().map_or(0, Vec::len) >= expected
             {
-                return;
+                return Ok(());
             }
             if let Some(Ok(Some(exit))) = self.proxy.as_mut().map(Child::try_wait) {
-                panic!("nodeway exited ({exit}):\n{}", self.proxy_stderr());
+                // Let the stderr copier finish.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(format!("({exit}) {}", self.proxy_stderr()));
             }
             assert!(
                 Instant::now() < deadline,

@@ -1218,3 +1218,97 @@ spec:
     h.log.wait_for(1, LOG_TIMEOUT).await;
     assert_eq!(field(&h.log.lines()[0], "response_flags"), "-");
 }
+
+/// Defect 9, the rest: a large consistent-hash ring is built by the first
+/// request that needs it, and while it was built the runtime worker serving
+/// that request served nothing else: on one worker, every other client pod
+/// stalled for the whole build. The build now hands the worker's other
+/// tasks to another thread, so a neighbour calling another Service is
+/// served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_ring_build_does_not_stall_other_client_pods() {
+    let m = mock("m").await;
+    let mut config = MeshConfig::new(vec![m.addr()]);
+    config.extra = format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: mock, namespace: default}}
+spec:
+  host: mock
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {{httpHeaderName: x-user, minimumRingSize: 4000000}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: plain, namespace: default}}
+spec:
+  clusterIP: 10.96.0.21
+  ports: [{{name: web, port: 8080, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: plain-0
+  namespace: default
+  labels: {{kubernetes.io/service-name: plain}}
+addressType: IPv4
+ports: [{{name: web, port: {port}}}]
+endpoints:
+- addresses: [\"{ip}\"]
+  conditions: {{ready: true}}
+",
+        port = m.addr().port(),
+        ip = m.addr().ip()
+    );
+    let h = Harness::start(&config).await;
+    let proxy = h.addr();
+    let neighbour = |n: u8| async move {
+        request(
+            Proto::Http1,
+            proxy,
+            std::net::IpAddr::from([127, 0, 5, n]),
+            "plain.default.svc.cluster.local:8080",
+            "/status/200",
+            Bytes::new(),
+            Duration::from_secs(60),
+        )
+        .await
+    };
+    // The neighbour's own cluster exists before the ring build starts.
+    assert_eq!(neighbour(1).await.status, Some(200));
+    let ring_user = tokio::spawn(async move {
+        request(
+            Proto::Http1,
+            proxy,
+            CLIENT_IP,
+            AUTHORITY,
+            "/status/200",
+            Bytes::new(),
+            Duration::from_secs(120),
+        )
+        .await
+    });
+    let mut slowest = Duration::ZERO;
+    let mut calls = 0;
+    while !ring_user.is_finished() {
+        let out = neighbour(1).await;
+        assert_eq!(out.status, Some(200), "{out:?}");
+        slowest = slowest.max(out.elapsed);
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let built = ring_user.await.unwrap();
+    assert_eq!(built.status, Some(200), "{built:?}");
+    assert!(
+        built.elapsed > Duration::from_millis(500),
+        "the ring build was too quick to show anything: {:?}",
+        built.elapsed
+    );
+    assert!(
+        slowest < built.elapsed / 4,
+        "a neighbour waited {slowest:?} while a {:?} ring build ran ({calls} calls)",
+        built.elapsed
+    );
+}

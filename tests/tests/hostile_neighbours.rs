@@ -12,9 +12,11 @@
 //! - 10 000 HTTP/2 streams whose responses it never reads,
 //! - a 1 GiB upload sent at 320 KiB/s.
 //!
-//! The quiet pod (`quiet`, 127.0.1.7) must keep 100% success with a p99
+//! The quiet pod (`quiet`, 127.0.1.7), 1 000 sequential requests before and
+//! 1 000 during the attack, must keep 100% success with a p99
 //! within 2× of its quiet baseline; the idle holders must cost the proxy
-//! under 20% of a core; the proxy's memory must stay bounded.
+//! under 20% of a core; the proxy's memory must stay bounded (under 1 GiB,
+//! a debug build).
 
 mod common;
 
@@ -33,7 +35,8 @@ use tokio::net::TcpStream;
 
 const ATTACKER: IpAddr = CLIENT_IP;
 const QUIET: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, 7));
-const QUIET_REQUESTS: usize = 300;
+/// Enough that the p99 is the 10th slowest, not one scheduling hiccup.
+const QUIET_REQUESTS: usize = 1000;
 /// The whole test stops its attackers after this, whatever happens.
 const ATTACK_LIMIT: Duration = Duration::from_secs(60);
 
@@ -319,8 +322,9 @@ async fn a_quiet_pod_is_served_while_its_neighbour_attacks_the_proxy() {
         attacked_p99 <= baseline * 2,
         "the quiet pod's p99 went from {baseline:?} to {attacked_p99:?}"
     );
+    // 10 000 stuck streams in a debug build: about 50 KiB each.
     assert!(
-        rss_attacked < 512,
+        rss_attacked < 1024,
         "the proxy grew to {rss_attacked} MiB under attack"
     );
     assert!(reset_streams >= 1000, "the flood ran: {reset_streams}");

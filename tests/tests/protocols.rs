@@ -505,32 +505,34 @@ async fn http2_rapid_reset_is_bounded() {
     })
     .await;
     assert!(run.is_ok(), "the rapid reset loop must end in time");
-    drop(client);
-    // Whether or not the loop noticed, the connection must end with an error.
+    // The client stays open: if its connection ends now, the proxy ended it,
+    // either way it may: hyper's pending-reset limit (GOAWAY
+    // ENHANCE_YOUR_CALM; a client still writing may see a broken pipe or a
+    // reset first) or, when every stream was accepted before its reset
+    // arrived, Envoy's premature-reset rule (a graceful GOAWAY after 500).
     let conn_result = timeout(Duration::from_secs(5), &mut conn_task).await;
     conn_task.abort();
+    drop(client);
     let upstream_seen = m.requests();
     eprintln!(
         "rapid reset: {sent} streams sent, stopped by {stopped_by:?}, connection result {conn_result:?}, upstream saw {upstream_seen}"
     );
-    let conn_err = match conn_result {
-        Ok(Ok(Err(e))) => Some(e),
-        _ => None,
+    let closed_by_proxy = match &conn_result {
+        Ok(Ok(Ok(()))) => true,
+        Ok(Ok(Err(e))) => {
+            (e.is_go_away() && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM))
+                || e.get_io().is_some_and(|io| {
+                    matches!(
+                        io.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    )
+                })
+        }
+        _ => false,
     };
-    // The proxy sends GOAWAY(ENHANCE_YOUR_CALM) and closes; a client still
-    // writing may see the close (broken pipe / reset) before it reads the GOAWAY.
-    let closed_by_proxy = conn_err.as_ref().is_some_and(|e| {
-        (e.is_go_away() && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM))
-            || e.get_io().is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-                )
-            })
-    });
     assert!(
         closed_by_proxy,
-        "the proxy must close the connection (GOAWAY ENHANCE_YOUR_CALM): {conn_err:?} (sent {sent}, stopped by {stopped_by:?})"
+        "the proxy must close the connection: {conn_result:?} (sent {sent}, stopped by {stopped_by:?})"
     );
     assert!(
         (upstream_seen as usize) < STREAMS / 10,

@@ -438,7 +438,9 @@ impl ClientRegistry {
                         // requests never see (and rebuild) a placeholder.
                         install_config(
                             &fresh,
-                            build_config(snap, conn, client_ns, decision, generation, &fresh),
+                            off_worker(|| {
+                                build_config(snap, conn, client_ns, decision, generation, &fresh)
+                            }),
                         );
                         let mut map = HashMap::clone(&client.clusters.load());
                         map.insert(cluster_name, fresh.clone());
@@ -450,9 +452,23 @@ impl ClientRegistry {
         };
         install_config(
             &cluster,
-            build_config(snap, conn, client_ns, decision, generation, &cluster),
+            off_worker(|| build_config(snap, conn, client_ns, decision, generation, &cluster)),
         );
         cluster
+    }
+}
+
+/// Runs a cluster build, which may take long (a consistent-hash ring of
+/// millions of entries: hundreds of milliseconds), without holding up the
+/// other tasks of this runtime worker: on the multi-threaded runtime the
+/// worker's queue is handed to another thread for the duration
+/// (`block_in_place`). Builds happen once per client pod, cluster and
+/// configuration generation, not per request.
+fn off_worker<T>(build: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(build),
+        _ => build(),
     }
 }
 
