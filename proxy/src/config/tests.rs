@@ -1283,3 +1283,64 @@ spec:
         "{warnings:?}"
     );
 }
+
+/// More of Istio's rejections: host syntax, duplicate hosts, a
+/// VirtualService with no routes, `retryOn` items Istio does not trim.
+#[test]
+fn istio_host_route_and_retry_on_rules() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: port, namespace: shop}
+spec: {host: "reviews:9080"}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ip, namespace: shop}
+spec: {host: 10.0.0.1}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: fine, namespace: shop}
+spec: {host: "*.shop.svc.cluster.local"}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hosts, namespace: shop}
+spec:
+  hosts: [a, "http://b", my_svc, a, 10.0.0.7]
+  http:
+  - route: [destination: {host: a}]
+    retries: {attempts: 2, retryOn: "5xx, connect-failure,"}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: empty, namespace: shop}
+spec:
+  hosts: [a]
+"#;
+    let errors = load(yaml).unwrap_err();
+    let found: Vec<String> = errors
+        .iter()
+        .map(|p| format!("{} {}: {}", p.name, p.field, p.message))
+        .collect();
+    let host = "a DNS name (labels of letters, digits and '-', optionally starting with \"*.\"), without scheme or port";
+    let retry = "(Istio splits on \",\" and does not trim: no spaces, no empty items)";
+    assert_eq!(
+        found,
+        [
+            format!("shop/port spec.host: invalid host \"reviews:9080\": {host}"),
+            format!("shop/ip spec.host: invalid host \"10.0.0.1\": {host}"),
+            format!("shop/hosts spec.hosts[1]: invalid host \"http://b\": {host}"),
+            format!("shop/hosts spec.hosts[2]: invalid host \"my_svc\": {host}"),
+            "shop/hosts spec.hosts[3]: duplicate host \"a\" in virtual service".to_string(),
+            format!(
+                "shop/hosts spec.http[0].retries.retryOn: \" connect-failure\" is not a valid retryOn policy {retry}"
+            ),
+            format!(
+                "shop/hosts spec.http[0].retries.retryOn: \"\" is not a valid retryOn policy {retry}"
+            ),
+            "shop/empty spec: http, tcp or tls must be provided in virtual service".to_string(),
+        ]
+    );
+}

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use super::services::resolve_short_name;
-use super::{Cx, Invalid, Minimum, Note, is_dns1123_label};
+use super::{Cx, Invalid, Minimum, Note, is_dns1123_label, is_valid_domain};
 use crate::config::{LoadOptions, istio};
 use crate::state::{
     ConnectionPool, ConsistentHashKey, DestinationRule, H2UpgradePolicy, HttpSettings, LbPolicy,
@@ -21,6 +21,8 @@ pub(super) fn destination_rule(
     let host = spec.host.clone().unwrap_or_default();
     if host.is_empty() {
         cx.error("spec.host", Invalid::Required);
+    } else if !is_valid_domain(&host) {
+        cx.error("spec.host", Invalid::InvalidHost(host.clone()));
     }
     let top_policy = spec
         .traffic_policy

@@ -76,6 +76,18 @@ enum Invalid {
     #[error("wildcard host * is not allowed for virtual services bound to the mesh gateway")]
     MeshWildcardHost,
     #[error(
+        "invalid host {0:?}: a DNS name (labels of letters, digits and '-', optionally starting with \"*.\"), without scheme or port"
+    )]
+    InvalidHost(String),
+    #[error("duplicate host {0:?} in virtual service")]
+    DuplicateHost(String),
+    #[error("http, tcp or tls must be provided in virtual service")]
+    NoRoutes,
+    #[error(
+        "{0:?} is not a valid retryOn policy (Istio splits on \",\" and does not trim: no spaces, no empty items)"
+    )]
+    RetryOnItem(String),
+    #[error(
         "http retry policy configured when attempts are set to 0 (disabled); set attempts, or remove the policy"
     )]
     RetriesWithoutAttempts,
@@ -105,6 +117,22 @@ enum Invalid {
     PodIpInUse { ip: IpAddr, other: String },
     #[error("{addr} is already used by Service {other}")]
     VipInUse { addr: SocketAddr, other: String },
+}
+
+/// Istio's rule for hosts (`ValidateWildcardDomain`): DNS labels, a `*`
+/// only as the whole first label, and a last label that is not all digits
+/// (so not an IP address).
+fn is_valid_domain(host: &str) -> bool {
+    let rest = host.strip_prefix("*.").unwrap_or(host);
+    if host == "*" {
+        return true;
+    }
+    host.len() <= 255
+        && rest.split('.').all(is_dns1123_label)
+        && rest
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Istio's rule for subset names (`labels.IsDNS1123Label`).

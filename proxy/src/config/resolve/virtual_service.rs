@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::services::{host_matches, resolve_short_name};
-use super::{Cx, Invalid, Minimum, Note, is_dns1123_label};
+use super::{Cx, Invalid, Minimum, Note, is_dns1123_label, is_valid_domain};
 use crate::config::duration::parse_duration;
 use crate::config::{LoadOptions, istio};
 use crate::state::{
@@ -38,12 +38,23 @@ pub(super) fn virtual_service(
         cx.warn("spec.hosts", Note::DelegateVirtualService);
     }
     let mesh_bound = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
+    let mut seen = HashSet::new();
     for (i, host) in spec.hosts.iter().enumerate() {
+        let path = format!("spec.hosts[{i}]");
         if host.is_empty() {
-            cx.error(&format!("spec.hosts[{i}]"), Invalid::Empty);
+            cx.error(&path, Invalid::Empty);
         } else if host == "*" && mesh_bound {
-            cx.error(&format!("spec.hosts[{i}]"), Invalid::MeshWildcardHost);
+            cx.error(&path, Invalid::MeshWildcardHost);
+        } else if !is_valid_domain(host) && host.parse::<std::net::IpAddr>().is_err() {
+            // VirtualService hosts may also be IP addresses.
+            cx.error(&path, Invalid::InvalidHost(host.clone()));
+        } else if !seen.insert(host.as_str()) {
+            cx.error(&path, Invalid::DuplicateHost(host.clone()));
         }
+    }
+    if !spec.hosts.is_empty() && spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty()
+    {
+        cx.error("spec", Invalid::NoRoutes);
     }
     if !spec.tcp.is_empty() {
         cx.warn("spec.tcp", Note::UnsupportedRoutes("tcp"));
@@ -181,6 +192,14 @@ fn http_route(
             Some(conditions) => {
                 // Conditions Istio accepts that Nodeway does not implement:
                 // a warning each, and the rest of the policy applies.
+                for item in conditions.split(',') {
+                    if item.is_empty() || item.trim() != item {
+                        cx.error(
+                            &field("retries.retryOn"),
+                            Invalid::RetryOnItem(item.to_string()),
+                        );
+                    }
+                }
                 let (unimplemented, known): (Vec<&str>, Vec<&str>) = conditions
                     .split(',')
                     .partition(|c| UNIMPLEMENTED_RETRY_ON.contains(&c.trim()));
