@@ -22,7 +22,7 @@ pub(super) fn destination_rule(
     if host.is_empty() {
         cx.error("spec.host", Invalid::Required);
     } else if !is_valid_domain(&host) {
-        cx.error("spec.host", Invalid::InvalidHost(host.clone()));
+        cx.error("spec.host", Invalid::BadHost(host.clone()));
     }
     let top_policy = spec
         .traffic_policy

@@ -78,7 +78,7 @@ enum Invalid {
     #[error(
         "invalid host {0:?}: a DNS name (labels of letters, digits and '-', optionally starting with \"*.\"), without scheme or port"
     )]
-    InvalidHost(String),
+    BadHost(String),
     #[error("duplicate host {0:?} in virtual service")]
     DuplicateHost(String),
     #[error("http, tcp or tls must be provided in virtual service")]

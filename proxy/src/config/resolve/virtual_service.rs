@@ -47,7 +47,7 @@ pub(super) fn virtual_service(
             cx.error(&path, Invalid::MeshWildcardHost);
         } else if !is_valid_domain(host) && host.parse::<std::net::IpAddr>().is_err() {
             // VirtualService hosts may also be IP addresses.
-            cx.error(&path, Invalid::InvalidHost(host.clone()));
+            cx.error(&path, Invalid::BadHost(host.clone()));
         } else if !seen.insert(host.as_str()) {
             cx.error(&path, Invalid::DuplicateHost(host.clone()));
         }
