@@ -1344,3 +1344,46 @@ spec:
         ]
     );
 }
+
+/// Istio's rules on durations, outlier detection and locality settings.
+#[test]
+fn istio_duration_outlier_and_locality_rules() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dr, namespace: shop}
+spec:
+  host: a
+  trafficPolicy:
+    connectionPool:
+      tcp: {connectTimeout: 1500us}
+    outlierDetection: {consecutiveLocalOriginFailures: 3}
+    loadBalancer:
+      localityLbSetting:
+        distribute: [{from: "r/z1/*", to: {"r/z1/*": 100, "r/z2/*": 0}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: failover, namespace: shop}
+spec:
+  host: b
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        failover: [{from: "*", to: r2}]
+"#;
+    let errors = load(yaml).unwrap_err();
+    let found: Vec<String> = errors
+        .iter()
+        .map(|p| format!("{} {}: {}", p.name, p.field, p.message))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            "shop/dr spec.trafficPolicy.connectionPool.tcp.connectTimeout: duration \"1500us\": only durations to ms precision are supported (Istio)",
+            "shop/dr spec.trafficPolicy.outlierDetection.consecutiveLocalOriginFailures: consecutiveLocalOriginFailures needs splitExternalLocalOriginErrors: true (Istio)",
+            "shop/dr spec.trafficPolicy.loadBalancer.localityLbSetting.distribute[0].to.r/z2/*: locality weight must be between 1 and 100, got 0",
+            "shop/failover spec.trafficPolicy.loadBalancer.localityLbSetting.failover[0].from: failover does not take wildcards: \"*\"",
+        ]
+    );
+}

@@ -234,6 +234,14 @@ fn outlier_detection(
     ) {
         consecutive_gateway_errors = Some(v);
     }
+    if od.consecutive_local_origin_failures.is_some()
+        && od.split_external_local_origin_errors != Some(true)
+    {
+        cx.error(
+            &field("consecutiveLocalOriginFailures"),
+            Invalid::LocalOriginWithoutSplit,
+        );
+    }
     OutlierDetection {
         consecutive_5xx_errors,
         consecutive_gateway_errors,
@@ -370,7 +378,11 @@ fn locality_lb_setting(
         let mut to = Vec::new();
         let mut total = 0i64;
         for (locality, weight) in &rule.to {
-            if let Some(weight) = cx.uint32(Some(*weight), &format!("{rule_path}.to.{locality}")) {
+            let field = format!("{rule_path}.to.{locality}");
+            if let Some(weight) = cx.uint32(Some(*weight), &field) {
+                if !(1..=100).contains(&weight) {
+                    cx.error(&field, Invalid::LocalityWeight(weight));
+                }
                 total += i64::from(weight);
                 to.push((locality.clone(), weight));
             }
@@ -388,6 +400,8 @@ fn locality_lb_setting(
             let field = format!("{rule_path}.{name}");
             if value.is_empty() {
                 cx.error(&field, Invalid::Required);
+            } else if value.contains('*') {
+                cx.error(&field, Invalid::FailoverWildcard(value.clone()));
             } else if value.contains('/') {
                 cx.error(&field, Invalid::FailoverNotRegion(value.clone()));
             }

@@ -57,6 +57,14 @@ enum Invalid {
     Duration(#[from] DurationError),
     #[error("duration {0:?} is below Istio's minimum of 1ms")]
     BelowOneMillisecond(String),
+    #[error("duration {0:?}: only durations to ms precision are supported (Istio)")]
+    NotWholeMilliseconds(String),
+    #[error("consecutiveLocalOriginFailures needs splitExternalLocalOriginErrors: true (Istio)")]
+    LocalOriginWithoutSplit,
+    #[error("locality weight must be between 1 and 100, got {0}")]
+    LocalityWeight(u32),
+    #[error("failover does not take wildcards: {0:?}")]
+    FailoverWildcard(String),
     #[error("must be between {min} and {max}, got {value}")]
     OutOfRange { value: i64, min: i64, max: i64 },
     #[error("unknown value {value:?} (expected one of {expected})")]
@@ -246,6 +254,10 @@ impl<'a> Cx<'a> {
         match parse_duration(value) {
             Ok(d) if minimum == Minimum::OneMillisecond && d < Duration::from_millis(1) => {
                 self.error(field, Invalid::BelowOneMillisecond(value.to_string()));
+                None
+            }
+            Ok(d) if d.subsec_nanos() % 1_000_000 != 0 => {
+                self.error(field, Invalid::NotWholeMilliseconds(value.to_string()));
                 None
             }
             Ok(d) => Some(d),
