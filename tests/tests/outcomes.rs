@@ -409,7 +409,10 @@ async fn flaky_endpoint_retried_on_5xx(proto: Proto) {
     let config =
         MeshConfig::new(vec![good1.addr(), flaky.addr(), good2.addr()]).with_route("5s", 2, "5xx");
     let h = Harness::start(&config).await;
-    const N: usize = 24;
+    // Enough that the flaky endpoint is picked ~20 times: all of them
+    // succeeding (0.25^20) cannot pass for "no retry was needed" (with 24
+    // requests, 4 picks that all succeeded failed a run).
+    const N: usize = 60;
     for _ in 0..N {
         let out = call(&h, proto, "/status/200").await;
         assert_eq!(out.status, Some(200), "{out:?}");
