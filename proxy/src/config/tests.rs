@@ -1387,3 +1387,49 @@ spec:
         ]
     );
 }
+
+/// Istio's rules on string matches and ring sizes.
+#[test]
+fn istio_match_and_ring_size_rules() {
+    let long = "a".repeat(1025);
+    let yaml = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: vs, namespace: shop}}
+spec:
+  hosts: [a]
+  http:
+  - match:
+    - uri: {{prefix: ""}}
+      method: {{prefix: ""}}
+      headers: {{"x user": {{exact: a}}, x-empty: {{regex: ""}}}}
+      queryParams: {{q: {{regex: "{long}"}}}}
+    route: [destination: {{host: a}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: dr, namespace: shop}}
+spec:
+  host: a
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {{httpHeaderName: x, minimumRingSize: 512, ringHash: {{minimumRingSize: 1024}}}}
+"#
+    );
+    let errors = load(&yaml).unwrap_err();
+    let found: Vec<String> = errors
+        .iter()
+        .map(|p| format!("{} {}: {}", p.name, p.field, p.message))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            "shop/vs spec.http[0].match[0].method.prefix: must not be empty",
+            "shop/vs spec.http[0].match[0].headers.x user: invalid header name \"x user\": letters, digits and !#$%&'*+-.^_`|~ only",
+            "shop/vs spec.http[0].match[0].headers.x-empty.regex: must not be empty",
+            "shop/vs spec.http[0].match[0].queryParams.q.regex: regex is 1025 characters long; Istio allows at most 1024",
+            "shop/dr spec.trafficPolicy.loadBalancer.consistentHash: only one of minimumRingSize and ringHash.minimumRingSize can be set",
+        ]
+    );
+}

@@ -331,6 +331,15 @@ fn consistent_hash(cx: &mut Cx<'_>, ch: &istio::ConsistentHash, parent: &str) ->
     if let Some(param) = &ch.http_query_parameter_name {
         keys.push(ConsistentHashKey::HttpQueryParameterName(param.clone()));
     }
+    if ch.minimum_ring_size.is_some()
+        && ch
+            .ring_hash
+            .as_ref()
+            .and_then(|r| r.minimum_ring_size)
+            .is_some()
+    {
+        cx.error(&path, Invalid::TwoRingSizes);
+    }
     let ring_size = match ch.ring_hash.as_ref().and_then(|r| r.minimum_ring_size) {
         Some(size) => cx.int_in(
             Some(size),

@@ -75,6 +75,12 @@ enum Invalid {
     StringMatchOneOf,
     #[error("invalid regex: {0}")]
     Regex(String),
+    #[error("regex is {0} characters long; Istio allows at most {1}")]
+    RegexTooLong(usize, usize),
+    #[error("invalid header name {0:?}: letters, digits and !#$%&'*+-.^_`|~ only")]
+    HeaderName(String),
+    #[error("only one of minimumRingSize and ringHash.minimumRingSize can be set")]
+    TwoRingSizes,
     #[error("at least one destination is required")]
     NoDestinations,
     #[error("cannot set both route and {0}")]

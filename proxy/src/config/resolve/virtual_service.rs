@@ -242,9 +242,14 @@ fn http_match(cx: &mut Cx<'_>, m: &istio::HttpMatchRequest, path: &str) -> HttpM
     // Istio reads `uri: {}` as every path and `method: {}`, `authority: {}`
     // as "present": with no exact, prefix or regex, any value matches.
     let mut single = |value: &Option<istio::StringMatch>, name: &str| {
+        let path = field(name);
+        // Istio allows an empty prefix for `uri` only.
+        if name != "uri" {
+            refuse_empty_prefix(cx, value.as_ref(), &path);
+        }
         value
             .as_ref()
-            .and_then(|sm| string_match(cx, sm, &field(name), true))
+            .and_then(|sm| string_match(cx, sm, &path, true))
     };
     let uri = single(&m.uri, "uri");
     let method = single(&m.method, "method");
@@ -255,7 +260,12 @@ fn http_match(cx: &mut Cx<'_>, m: &istio::HttpMatchRequest, path: &str) -> HttpM
         values
             .iter()
             .filter_map(|(key, sm)| {
-                let matcher = string_match(cx, sm, &field(&format!("{name}.{key}")), true)?;
+                let path = field(&format!("{name}.{key}"));
+                if !is_header_name(key) && name != "queryParams" {
+                    cx.error(&path, Invalid::HeaderName(key.clone()));
+                }
+                refuse_empty_prefix(cx, Some(sm), &path);
+                let matcher = string_match(cx, sm, &path, true)?;
                 Some((
                     if lower {
                         key.to_ascii_lowercase()
@@ -300,6 +310,17 @@ fn string_match(
     match (&sm.exact, &sm.prefix, &sm.regex) {
         (Some(exact), None, None) => Some(StringMatch::Exact(exact.clone())),
         (None, Some(prefix), None) => Some(StringMatch::Prefix(prefix.clone())),
+        (None, None, Some(regex)) if regex.is_empty() => {
+            cx.error(&format!("{path}.regex"), Invalid::Empty);
+            None
+        }
+        (None, None, Some(regex)) if regex.len() > MAX_REGEX_LEN => {
+            cx.error(
+                &format!("{path}.regex"),
+                Invalid::RegexTooLong(regex.len(), MAX_REGEX_LEN),
+            );
+            None
+        }
         (None, None, Some(regex)) => full_match_regex(regex)
             .map_err(|err| cx.error(&format!("{path}.regex"), Invalid::Regex(err)))
             .ok()
@@ -313,6 +334,24 @@ fn string_match(
         }
     }
 }
+
+/// Istio refuses `prefix: ""` everywhere but in `uri`.
+fn refuse_empty_prefix(cx: &mut Cx<'_>, sm: Option<&istio::StringMatch>, path: &str) {
+    if sm.and_then(|sm| sm.prefix.as_deref()) == Some("") {
+        cx.error(&format!("{path}.prefix"), Invalid::Empty);
+    }
+}
+
+/// An RFC 7230 token, as Istio checks header names in matches.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Istio's limit on a regex's length.
+const MAX_REGEX_LEN: usize = 1024;
 
 /// Istio regexes are RE2 and must match the whole value.
 fn full_match_regex(regex: &str) -> Result<regex::Regex, String> {
