@@ -8,8 +8,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -450,47 +450,6 @@ async fn readiness_and_help() {
 // The binary's subcommands (helpers as in cli.rs).
 // ---------------------------------------------------------------------------
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// `nodeway run` on free loopback ports: (process, outbound, admin, readiness).
-fn start_binary(config: &std::path::Path) -> (Proc, SocketAddr, SocketAddr, SocketAddr) {
-    let (outbound, admin, readiness) = (free_addr(), free_addr(), free_addr());
-    let child = Command::new(nodeway_bin())
-        .args(["run", "--config"])
-        .arg(config)
-        .args(["--outbound-addr", &outbound.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--readiness-addr", &readiness.to_string()])
-        .args(["--metrics-addr", "127.0.0.1:0", "--access-log", "off"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(readiness).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "nodeway did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (proc, outbound, admin, readiness)
-}
-
 /// Runs `nodeway ARGS…` to completion.
 async fn nodeway(args: &[&str]) -> Output {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -517,7 +476,8 @@ async fn subcommands_query_a_running_proxy() {
     let dir = TempDir::new("admin");
     let config = dir.0.join("mesh.yaml");
     std::fs::write(&config, ejection_config(good.addr(), bad.addr()).render()).unwrap();
-    let (_proc, outbound, admin, readiness) = start_binary(&config);
+    let proxy = NodewayProcess::start(&config, &[]);
+    let (outbound, admin, readiness) = (proxy.outbound, proxy.admin, proxy.readiness);
     let admin_s = admin.to_string();
     let a = ["--admin-addr", admin_s.as_str()];
 

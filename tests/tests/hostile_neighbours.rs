@@ -21,7 +21,6 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -58,77 +57,29 @@ status:
   podIPs: [{ip: 127.0.1.7}]
 "#;
 
-struct ProxyProcess {
-    child: Child,
-    outbound: SocketAddr,
+/// User + system CPU time of process `pid`.
+fn cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
 }
 
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free loopback port")
-}
-
-impl ProxyProcess {
-    fn start(config: &std::path::Path) -> Self {
-        let (outbound, admin, readiness) = (free_addr(), free_addr(), free_addr());
-        let child = Command::new(nodeway_bin())
-            .args(["run", "--config"])
-            .arg(config)
-            .args(["--outbound-addr", &outbound.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
-            .args(["--readiness-addr", &readiness.to_string()])
-            .args(["--metrics-addr", "127.0.0.1:0", "--access-log", "off"])
-            // Slowloris heads stay open for the whole test (the default 10 s
-            // would end them before the quiet pod is measured).
-            .args(["--request-header-timeout", "2m", "--log-level", "warn"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nodeway");
-        let proxy = ProxyProcess { child, outbound };
-        let start = Instant::now();
-        while std::net::TcpStream::connect(readiness).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "nodeway did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        proxy
-    }
-
-    /// User + system CPU time of the proxy process.
-    fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        Duration::from_millis(ticks * 10)
-    }
-
-    /// Resident memory of the proxy process, in MiB.
-    fn rss_mib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap();
-        kb / 1024
-    }
+/// Resident memory of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024
 }
 
 /// The quiet pod's latencies over `n` sequential requests; every one must
@@ -250,12 +201,17 @@ async fn a_quiet_pod_is_served_while_its_neighbour_attacks_the_proxy() {
     let dir = TempDir::new("hostile");
     let config_path = dir.0.join("mesh.yaml");
     std::fs::write(&config_path, config.render()).unwrap();
-    let proxy = ProxyProcess::start(&config_path);
+    // Slowloris heads stay open for the whole test (the default 10 s
+    // would end them before the quiet pod is measured).
+    let proxy = NodewayProcess::start(
+        &config_path,
+        &["--request-header-timeout", "2m", "--log-level", "warn"],
+    );
     let addr = proxy.outbound;
 
     quiet_latencies(addr, 30).await; // warm-up
     let baseline = p99(&quiet_latencies(addr, QUIET_REQUESTS).await);
-    let rss_quiet = proxy.rss_mib();
+    let rss_quiet = rss_mib(proxy.pid());
 
     // Idle holders: what they cost while they wait.
     let slowloris = holders(
@@ -266,9 +222,9 @@ async fn a_quiet_pod_is_served_while_its_neighbour_attacks_the_proxy() {
     .await;
     let one_byte = holders(addr, 500, b"G").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (cpu_before, wall) = (proxy.cpu(), Instant::now());
+    let (cpu_before, wall) = (cpu(proxy.pid()), Instant::now());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_share = (proxy.cpu() - cpu_before).as_secs_f64() / wall.elapsed().as_secs_f64();
+    let idle_share = (cpu(proxy.pid()) - cpu_before).as_secs_f64() / wall.elapsed().as_secs_f64();
     assert!(
         idle_share < 0.2,
         "1 500 idle holders cost the proxy {:.0}% of a core",
@@ -308,7 +264,7 @@ async fn a_quiet_pod_is_served_while_its_neighbour_attacks_the_proxy() {
 
     let attacked = quiet_latencies(addr, QUIET_REQUESTS).await;
     let attacked_p99 = p99(&attacked);
-    let rss_attacked = proxy.rss_mib();
+    let rss_attacked = rss_mib(proxy.pid());
     stop.store(true, Ordering::Relaxed);
     let reset_streams = flood.await.unwrap();
     upload.await.unwrap();

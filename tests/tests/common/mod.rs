@@ -427,3 +427,64 @@ pub async fn wait_for_metric(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A free loopback address (released at once: a later bind may race).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free loopback port")
+}
+
+/// `nodeway run --config CONFIG` as a child process on free loopback ports
+/// (access log off, `extra` flags added), waited for until its readiness
+/// port answers; killed when dropped.
+pub struct NodewayProcess {
+    child: std::process::Child,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+impl NodewayProcess {
+    pub fn start(config: &std::path::Path, extra: &[&str]) -> Self {
+        let (outbound, admin, readiness) = (free_addr(), free_addr(), free_addr());
+        let child = Command::new(nodeway_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--outbound-addr", &outbound.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .args(["--readiness-addr", &readiness.to_string()])
+            .args(["--metrics-addr", "127.0.0.1:0", "--access-log", "off"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nodeway");
+        let process = NodewayProcess {
+            child,
+            outbound,
+            admin,
+            readiness,
+        };
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(readiness).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "nodeway did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        process
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for NodewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
