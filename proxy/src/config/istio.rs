@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 
 /// API versions under which Istio serves the same networking schema.
 pub const API_VERSIONS: [&str; 3] = [
@@ -200,6 +201,27 @@ pub struct TrafficPolicy {
     pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<OutlierDetection>,
     pub port_level_settings: Vec<PortTrafficPolicy>,
+    // Istio fields Nodeway does not implement. Only their presence is kept
+    // (for "must have at least one field"); they are still reported as
+    // ignored, since `IgnoredAny` goes through serde_ignored's callback.
+    pub tls: Option<IgnoredAny>,
+    pub tunnel: Option<IgnoredAny>,
+    pub proxy_protocol: Option<IgnoredAny>,
+    pub retry_budget: Option<IgnoredAny>,
+}
+
+impl TrafficPolicy {
+    /// Istio refuses a traffic policy with no field set.
+    pub fn is_empty(&self) -> bool {
+        self.load_balancer.is_none()
+            && self.connection_pool.is_none()
+            && self.outlier_detection.is_none()
+            && self.port_level_settings.is_empty()
+            && self.tls.is_none()
+            && self.tunnel.is_none()
+            && self.proxy_protocol.is_none()
+            && self.retry_budget.is_none()
+    }
 }
 
 /// `portLevelSettings[i]`: a traffic policy for one port (cannot nest further).
@@ -210,6 +232,17 @@ pub struct PortTrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<OutlierDetection>,
+    /// Not implemented; kept for presence like [`TrafficPolicy::tls`].
+    pub tls: Option<IgnoredAny>,
+}
+
+impl PortTrafficPolicy {
+    pub fn is_empty(&self) -> bool {
+        self.load_balancer.is_none()
+            && self.connection_pool.is_none()
+            && self.outlier_detection.is_none()
+            && self.tls.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

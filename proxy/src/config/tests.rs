@@ -446,7 +446,7 @@ spec:
             ),
             (
                 "spec.trafficPolicy.outlierDetection.interval",
-                "duration \"0s\" is below Istio's minimum of 1ms"
+                "duration \"0s\" is below Istio's minimum of 1ms; Istio refuses 0s here (leave the field out for its default)"
             ),
             (
                 "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
@@ -668,7 +668,7 @@ spec:
             ),
             (
                 "spec.http[0].retries.perTryTimeout",
-                "duration \"0s\" is below Istio's minimum of 1ms"
+                "duration \"0s\" is below Istio's minimum of 1ms; Istio refuses 0s here (leave the field out for its default)"
             ),
             ("spec.http[1].route", "at least one destination is required"),
             (
@@ -720,7 +720,6 @@ spec:
       weight: 30
     - destination: {host: a, subset: v9}
       weight: 70
-    timeout: 0s
     retries: {attempts: 0}
 "#;
     let loaded = load_ok(yaml);
@@ -754,7 +753,7 @@ spec:
         (&["mesh".to_string()][..], &["*".to_string()][..])
     );
     let route = &vs.http[0];
-    assert_eq!(route.timeout, None, "0s means no timeout");
+    assert_eq!(route.timeout, None, "no timeout unless one is set");
     let retries = route.retries.as_ref().unwrap();
     assert_eq!(
         (retries.attempts, retries.retry_remote_localities),
@@ -1431,5 +1430,169 @@ spec:
             "shop/vs spec.http[0].match[0].queryParams.q.regex: regex is 1025 characters long; Istio allows at most 1024",
             "shop/dr spec.trafficPolicy.loadBalancer.consistentHash: only one of minimumRingSize and ringHash.minimumRingSize can be set",
         ]
+    );
+}
+
+/// Istio refuses `0s` for these durations (CRD rule `duration(self) >=
+/// duration('1ms')`); only `tcp.idleTimeout: 0s` is legal, meaning "none".
+#[test]
+fn zero_durations_are_read_as_istio_reads_them() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dr, namespace: shop}
+spec:
+  host: a
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnectionDuration: 0s
+        tcpKeepalive: {time: 0s, interval: 0ms}
+        idleTimeout: 0s
+      http: {idleTimeout: 0s}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: shop}
+spec:
+  hosts: [a]
+  http:
+  - route: [destination: {host: a}]
+    timeout: 0s
+"#;
+    let found: Vec<String> = load_errors(yaml)
+        .iter()
+        .map(|p| format!("{} {}: {}", p.name, p.field, p.message))
+        .collect();
+    let zero = |name: &str, field: &str, value: &str| {
+        format!(
+            "{name} {field}: duration \"{value}\" is below Istio's minimum of 1ms; Istio refuses 0s here (leave the field out for its default)"
+        )
+    };
+    let tcp = "spec.trafficPolicy.connectionPool.tcp";
+    assert_eq!(
+        found,
+        [
+            zero("shop/dr", &format!("{tcp}.tcpKeepalive.time"), "0s"),
+            zero("shop/dr", &format!("{tcp}.tcpKeepalive.interval"), "0ms"),
+            zero("shop/dr", &format!("{tcp}.maxConnectionDuration"), "0s"),
+            zero(
+                "shop/dr",
+                "spec.trafficPolicy.connectionPool.http.idleTimeout",
+                "0s"
+            ),
+            zero("shop/vs", "spec.http[0].timeout", "0s"),
+        ]
+    );
+}
+
+/// Empty policies, label, exportTo, gateway, selector and namespace syntax,
+/// and regexes Rust accepts but Istio's RE2 does not.
+#[test]
+fn istio_policy_label_export_and_regex_rules() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dr, namespace: shop}
+spec:
+  host: a
+  exportTo: ["*", "."]
+  workloadSelector: {matchLabels: {"app": "*"}}
+  trafficPolicy:
+    connectionPool: {}
+    portLevelSettings: [{port: {number: 80}}]
+  subsets:
+  - name: v1
+    labels: {"version": "v 1"}
+    trafficPolicy: {}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: shop}
+spec:
+  hosts: [a]
+  gateways: [mesh, "istio-system/"]
+  exportTo: [shop, "."]
+  http:
+  - match:
+    - uri: {regex: "(?x) /a b"}
+      headers: {x-a: {regex: "a{1001}"}, x-b: {regex: "\\bword\\b"}}
+      sourceLabels: {"-app": client}
+      sourceNamespace: Shop_1
+    route: [destination: {host: a}]
+"#;
+    let found: Vec<String> = load_errors(yaml)
+        .iter()
+        .map(|p| format!("{} {}: {}", p.name, p.field, p.message))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            "shop/dr spec.trafficPolicy.portLevelSettings[0]: port traffic policy must have at least one field",
+            "shop/dr spec.trafficPolicy.connectionPool: connection pool must have at least one field",
+            "shop/dr spec.subsets[0].labels: invalid label value \"v 1\": empty, or letters, digits, '-', '_' and '.' starting and ending with a letter or digit",
+            "shop/dr spec.subsets[0].trafficPolicy: traffic policy must have at least one field",
+            "shop/dr spec.exportTo: cannot have both public (*) and non-public exportTo values for a resource",
+            "shop/dr spec.exportTo: a destination rule with a workload selector cannot be exported beyond its own namespace",
+            "shop/dr spec.workloadSelector.matchLabels: workload selector label \"app=*\": wildcards are not supported",
+            "shop/vs spec.gateways[1]: invalid gateway name \"istio-system/\": mesh, <namespace>/<name>, or a DNS name",
+            "shop/vs spec.exportTo: duplicate entries in exportTo: . and the object's own namespace shop",
+            "shop/vs spec.http[0].match[0].uri.regex: regex uses the x flag (RE2 has i, m, s and U), which Istio's RE2 does not support",
+            "shop/vs spec.http[0].match[0].headers.x-a.regex: regex uses a repeat count of 1001 (RE2 allows at most 1000), which Istio's RE2 does not support",
+            "shop/vs spec.http[0].match[0].sourceLabels: invalid label key \"-app\": [prefix/]name, where name is letters, digits, '-', '_' and '.' starting and ending with a letter or digit",
+            "shop/vs spec.http[0].match[0].sourceNamespace: sourceNamespace \"Shop_1\" is not a valid namespace name (a DNS-1123 label)",
+        ]
+    );
+}
+
+/// What Istio accepts here must load: a policy holding only a field Nodeway
+/// ignores, RE2's `\Q…\E` quoting, and `withoutHeaders` `regex: "*"`
+/// (header absent).
+#[test]
+fn istio_accepts_these_and_so_does_nodeway() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dr, namespace: shop}
+spec:
+  host: a
+  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+  subsets: [{name: v1, labels: {app.kubernetes.io/version: "1.2_b", empty: ""}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: shop}
+spec:
+  hosts: [a]
+  gateways: [mesh]
+  exportTo: [".", other]
+  http:
+  - match:
+    - uri: {regex: "\\Q/v1.0\\E/.*"}
+      withoutHeaders: {x-debug: {regex: "*"}}
+    route: [destination: {host: a}]
+"#;
+    let loaded = load_ok(yaml);
+    let warnings: Vec<String> = loaded
+        .warnings
+        .iter()
+        .map(|w| format!("{}: {}", w.field, w.message))
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "spec.trafficPolicy.tls: field is not supported by Nodeway and is ignored",
+            "spec.http[0].route[0].destination.host: host \"a\" does not match any Service in the config (fine if a ServiceEntry defines it)"
+        ]
+    );
+    let matcher = &loaded.snapshot.virtual_services[0].http[0].matches[0];
+    let uri = matcher.uri.as_ref().unwrap();
+    assert!(uri.matches("/v1.0/x"));
+    assert!(!uri.matches("/v1x0/x"), "the quoted dot is literal");
+    let (name, absent) = &matcher.without_headers[0];
+    assert_eq!(name, "x-debug");
+    assert!(
+        absent.matches("1") && absent.matches(""),
+        "any value counts as present"
     );
 }

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use super::services::resolve_short_name;
+use super::syntax::{check_export_to, check_labels};
 use super::{Cx, Invalid, Minimum, Note, is_dns1123_label, is_valid_domain};
 use crate::config::{LoadOptions, istio};
 use crate::state::{
@@ -43,6 +44,9 @@ pub(super) fn destination_rule(
                 Invalid::DuplicateSubset(name.clone()),
             );
         }
+        for problem in check_labels(&subset.labels) {
+            cx.error(&format!("{path}.labels"), Invalid::Label(problem));
+        }
         let traffic_policy = subset
             .traffic_policy
             .as_ref()
@@ -52,6 +56,16 @@ pub(super) fn destination_rule(
             labels: subset.labels.clone(),
             traffic_policy,
         });
+    }
+    for problem in check_export_to(
+        &spec.export_to,
+        &key.namespace,
+        spec.workload_selector.is_some(),
+    ) {
+        cx.error("spec.exportTo", Invalid::ExportTo(problem));
+    }
+    if let Some(selector) = &spec.workload_selector {
+        workload_selector(cx, selector);
     }
     DestinationRule {
         host_fqdn: resolve_short_name(&host, &key.namespace, &opts.cluster_domain),
@@ -67,10 +81,36 @@ pub(super) fn destination_rule(
     }
 }
 
+/// `validateWorkloadSelector`: no empty keys, no wildcards.
+fn workload_selector(cx: &mut Cx<'_>, selector: &istio::WorkloadSelector) {
+    let path = "spec.workloadSelector.matchLabels";
+    if selector.match_labels.is_empty() {
+        cx.warn(path, Note::SelectorWithoutLabels);
+    }
+    for (key, value) in &selector.match_labels {
+        let label = format!("{key}={value}");
+        if key.is_empty() {
+            cx.error(path, Invalid::SelectorLabel(label.clone(), "empty key"));
+        }
+        if key.contains('*') || value.contains('*') {
+            cx.error(
+                path,
+                Invalid::SelectorLabel(label, "wildcards are not supported"),
+            );
+        }
+    }
+}
+
 fn traffic_policy(cx: &mut Cx<'_>, tp: &istio::TrafficPolicy, path: &str) -> TrafficPolicy {
+    if tp.is_empty() {
+        cx.error(path, Invalid::EmptyPolicy("traffic policy"));
+    }
     let mut port_level_settings: Vec<(u16, TrafficPolicy)> = Vec::new();
     for (i, settings) in tp.port_level_settings.iter().enumerate() {
         let path = format!("{path}.portLevelSettings[{i}]");
+        if settings.is_empty() {
+            cx.error(&path, Invalid::EmptyPolicy("port traffic policy"));
+        }
         let port = match settings.port.as_ref().and_then(|p| p.number) {
             None => {
                 cx.error(&format!("{path}.port.number"), Invalid::Required);
@@ -126,6 +166,12 @@ fn connection_pool(
     cp: &istio::ConnectionPoolSettings,
     parent: &str,
 ) -> ConnectionPool {
+    if cp.tcp.is_none() && cp.http.is_none() {
+        cx.error(
+            &format!("{parent}.connectionPool"),
+            Invalid::EmptyPolicy("connection pool"),
+        );
+    }
     let tcp = cp.tcp.as_ref().map(|tcp| {
         let path = format!("{parent}.connectionPool.tcp");
         let field = |name: &str| format!("{path}.{name}");
@@ -141,18 +187,18 @@ fn connection_pool(
                 time: cx.duration(
                     ka.time.as_deref(),
                     &field("tcpKeepalive.time"),
-                    Minimum::Zero,
+                    Minimum::OneMillisecond,
                 ),
                 interval: cx.duration(
                     ka.interval.as_deref(),
                     &field("tcpKeepalive.interval"),
-                    Minimum::Zero,
+                    Minimum::OneMillisecond,
                 ),
             }),
             max_connection_duration: cx.duration(
                 tcp.max_connection_duration.as_deref(),
                 &field("maxConnectionDuration"),
-                Minimum::Zero,
+                Minimum::OneMillisecond,
             ),
             idle_timeout: cx.duration(
                 tcp.idle_timeout.as_deref(),
@@ -179,7 +225,7 @@ fn connection_pool(
             idle_timeout: cx.duration(
                 http.idle_timeout.as_deref(),
                 &field("idleTimeout"),
-                Minimum::Zero,
+                Minimum::OneMillisecond,
             ),
             max_concurrent_streams: cx
                 .non_negative_int32(http.max_concurrent_streams, &field("maxConcurrentStreams")),

@@ -13,6 +13,7 @@
 
 mod destination_rule;
 mod services;
+mod syntax;
 mod virtual_service;
 mod workloads;
 
@@ -31,6 +32,7 @@ use crate::state::{InvalidRetryOn, NodeInfo, ObjectKey, Snapshot};
 use destination_rule::destination_rule;
 use services::build_services;
 pub use services::{port_protocol, resolve_short_name};
+use syntax::{BadExportTo, BadLabel, is_dns1123_label, is_valid_domain};
 use virtual_service::{check_destinations, virtual_service};
 pub use workloads::{NETNS_ANNOTATION, workload_name};
 use workloads::{build_pods, node_locality};
@@ -111,6 +113,24 @@ enum Invalid {
     SubsetName(String),
     #[error("duplicate subset name {0:?}")]
     DuplicateSubset(String),
+    #[error("{0}")]
+    Label(#[from] BadLabel),
+    #[error("{0}")]
+    ExportTo(#[from] BadExportTo),
+    #[error("invalid gateway name {0:?}: mesh, <namespace>/<name>, or a DNS name")]
+    GatewayName(String),
+    #[error("sourceNamespace {0:?} is not a valid namespace name (a DNS-1123 label)")]
+    SourceNamespace(String),
+    #[error("workload selector label {0:?}: {1}")]
+    SelectorLabel(String, &'static str),
+    #[error("regex uses {0}, which Istio's RE2 does not support")]
+    NotRe2(String),
+    #[error("{0} must have at least one field")]
+    EmptyPolicy(&'static str),
+    #[error(
+        "duration {0:?} is below Istio's minimum of 1ms; Istio refuses 0s here (leave the field out for its default)"
+    )]
+    ZeroDuration(String),
     #[error("duplicate port {0} in portLevelSettings")]
     DuplicatePortSettings(u16),
     #[error("cannot set both simple and consistentHash")]
@@ -131,32 +151,6 @@ enum Invalid {
     PodIpInUse { ip: IpAddr, other: String },
     #[error("{addr} is already used by Service {other}")]
     VipInUse { addr: SocketAddr, other: String },
-}
-
-/// Istio's rule for hosts (`ValidateWildcardDomain`): DNS labels, a `*`
-/// only as the whole first label, and a last label that is not all digits
-/// (so not an IP address).
-fn is_valid_domain(host: &str) -> bool {
-    let rest = host.strip_prefix("*.").unwrap_or(host);
-    if host == "*" {
-        return true;
-    }
-    host.len() <= 255
-        && rest.split('.').all(is_dns1123_label)
-        && rest
-            .rsplit('.')
-            .next()
-            .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Istio's rule for subset names (`labels.IsDNS1123Label`).
-fn is_dns1123_label(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    let edge = |b: &u8| b.is_ascii_alphanumeric();
-    (1..=63).contains(&bytes.len())
-        && bytes.first().is_some_and(edge)
-        && bytes.last().is_some_and(edge)
-        && bytes.iter().all(|b| edge(b) || *b == b'-')
 }
 
 /// Things that load but deserve the user's attention (the message of a warning [`Problem`]).
@@ -188,6 +182,8 @@ enum Note {
         "deprecated; treated like Istio does, as consecutiveGatewayErrors (and 5xx ejection off)"
     )]
     DeprecatedConsecutiveErrors,
+    #[error("workload selector specified without labels")]
+    SelectorWithoutLabels,
     #[error("has no label {SERVICE_NAME_LABEL}; ignored")]
     SliceWithoutService,
     #[error("Service {0} is not in the config; EndpointSlice ignored")]
@@ -258,6 +254,10 @@ impl<'a> Cx<'a> {
     fn duration(&mut self, value: Option<&str>, field: &str, minimum: Minimum) -> Option<Duration> {
         let value = value?;
         match parse_duration(value) {
+            Ok(Duration::ZERO) if minimum == Minimum::OneMillisecond => {
+                self.error(field, Invalid::ZeroDuration(value.to_string()));
+                None
+            }
             Ok(d) if minimum == Minimum::OneMillisecond && d < Duration::from_millis(1) => {
                 self.error(field, Invalid::BelowOneMillisecond(value.to_string()));
                 None

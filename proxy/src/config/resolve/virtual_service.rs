@@ -4,11 +4,12 @@
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::services::{host_matches, resolve_short_name};
+use super::syntax::{
+    check_export_to, check_labels, expand_re2_quotes, is_valid_gateway_name, re2_incompatibility,
+};
 use super::{Cx, Invalid, Minimum, Note, is_dns1123_label, is_valid_domain};
-use crate::config::duration::parse_duration;
 use crate::config::{LoadOptions, istio};
 use crate::state::{
     DestinationRule, HttpMatch, HttpRoute, ObjectKey, RetryOn, RetryPolicy, RouteDestination,
@@ -51,6 +52,17 @@ pub(super) fn virtual_service(
         } else if !seen.insert(host.as_str()) {
             cx.error(&path, Invalid::DuplicateHost(host.clone()));
         }
+    }
+    for (i, gateway) in spec.gateways.iter().enumerate() {
+        if !is_valid_gateway_name(gateway) {
+            cx.error(
+                &format!("spec.gateways[{i}]"),
+                Invalid::GatewayName(gateway.clone()),
+            );
+        }
+    }
+    for problem in check_export_to(&spec.export_to, &key.namespace, false) {
+        cx.error("spec.exportTo", Invalid::ExportTo(problem));
     }
     if !spec.hosts.is_empty() && spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty()
     {
@@ -173,11 +185,12 @@ fn http_route(
         cx.error(&field("route"), Invalid::ZeroTotalWeight);
     }
 
-    // Istio: a zero route timeout means "no timeout".
-    let timeout = match route.timeout.as_deref() {
-        Some(t) if parse_duration(t) == Ok(Duration::ZERO) => None,
-        t => cx.duration(t, &field("timeout"), Minimum::OneMillisecond),
-    };
+    // Istio's admission refuses `0s`; no timeout is written by leaving it out.
+    let timeout = cx.duration(
+        route.timeout.as_deref(),
+        &field("timeout"),
+        Minimum::OneMillisecond,
+    );
     if let Some(retries) = &route.retries
         && retries.attempts.unwrap_or(0) == 0
         && (retries.per_try_timeout.is_some()
@@ -265,7 +278,12 @@ fn http_match(cx: &mut Cx<'_>, m: &istio::HttpMatchRequest, path: &str) -> HttpM
                     cx.error(&path, Invalid::HeaderName(key.clone()));
                 }
                 refuse_empty_prefix(cx, Some(sm), &path);
-                let matcher = string_match(cx, sm, &path, true)?;
+                // Istio reads `withoutHeaders: {h: {regex: "*"}}` as "h is absent".
+                let matcher = if name == "withoutHeaders" && sm.regex.as_deref() == Some("*") {
+                    string_match(cx, &istio::StringMatch::default(), &path, true)?
+                } else {
+                    string_match(cx, sm, &path, true)?
+                };
                 Some((
                     if lower {
                         key.to_ascii_lowercase()
@@ -293,8 +311,19 @@ fn http_match(cx: &mut Cx<'_>, m: &istio::HttpMatchRequest, path: &str) -> HttpM
             .port
             .filter(|port| *port != 0)
             .and_then(|port| cx.port(Some(port), &field("port"))),
-        source_labels: m.source_labels.clone(),
-        source_namespace: m.source_namespace.clone(),
+        source_labels: m.source_labels.clone().inspect(|labels| {
+            for problem in check_labels(labels) {
+                cx.error(&field("sourceLabels"), Invalid::Label(problem));
+            }
+        }),
+        source_namespace: m.source_namespace.clone().inspect(|namespace| {
+            if !namespace.is_empty() && !is_dns1123_label(namespace) {
+                cx.error(
+                    &field("sourceNamespace"),
+                    Invalid::SourceNamespace(namespace.clone()),
+                );
+            }
+        }),
         ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
     }
 }
@@ -321,10 +350,17 @@ fn string_match(
             );
             None
         }
-        (None, None, Some(regex)) => full_match_regex(regex)
-            .map_err(|err| cx.error(&format!("{path}.regex"), Invalid::Regex(err)))
-            .ok()
-            .map(StringMatch::Regex),
+        (None, None, Some(regex)) => {
+            let regex = expand_re2_quotes(regex);
+            if let Some(syntax) = re2_incompatibility(&regex) {
+                cx.error(&format!("{path}.regex"), Invalid::NotRe2(syntax));
+                return None;
+            }
+            full_match_regex(&regex)
+                .map_err(|err| cx.error(&format!("{path}.regex"), Invalid::Regex(err)))
+                .ok()
+                .map(StringMatch::Regex)
+        }
         (None, None, None) if presence_if_empty => {
             full_match_regex("(?s:.*)").ok().map(StringMatch::Regex)
         }
