@@ -346,6 +346,9 @@ impl World {
             sockmap.into(),
             "--cgroup".into(),
             self.topo.cgroup_dir().display().to_string(),
+            // Private maps: a benchmark never shares the host's pins.
+            "--bpf-pin-dir".into(),
+            "none".into(),
             "--node".into(),
             "node-a".into(),
             "--worker-threads".into(),

@@ -138,7 +138,9 @@ struct RunArgs {
     /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter.
     #[arg(long, default_value = "info")]
     log_level: String,
-    /// Longest wait for in-flight requests after SIGTERM/SIGINT.
+    /// After SIGTERM/SIGINT: how long in-flight requests may finish and TCP
+    /// and upgraded connections are kept before they are closed (Istio's
+    /// `terminationDrainDuration`).
     #[arg(long, default_value = "5s", value_parser = go_duration)]
     drain_timeout: Duration,
     /// Clients must finish sending request headers within this time, from
@@ -191,6 +193,11 @@ struct RunArgs {
     /// below it [default: the cgroup v2 mount].
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// bpffs directory where the eBPF maps are pinned and shared with the
+    /// next Nodeway on the node, so an upgrade has no gap; `none`: private
+    /// maps. Without a bpf filesystem there, the maps stay private (warned).
+    #[arg(long, default_value = "/sys/fs/bpf/nodeway")]
+    bpf_pin_dir: PathBuf,
     #[command(flatten)]
     mesh: MeshArgs,
 }
@@ -387,6 +394,7 @@ fn run(args: RunArgs) -> ExitCode {
         opts.redirect = Some(nodeway::redirect::ebpf::EbpfOptions {
             cgroup: args.cgroup,
             sockmap: args.sockmap == OnOff::On,
+            pin_dir: (args.bpf_pin_dir.as_os_str() != "none").then_some(args.bpf_pin_dir),
         });
     }
     let mut rt = tokio::runtime::Builder::new_multi_thread();

@@ -19,6 +19,17 @@ pub struct ConfigStatus {
     /// not, the last known configuration is served
     /// (`nodeway_config_source_up`).
     pub source_up: Arc<AtomicBool>,
+    /// Ready to take the node's traffic (`/healthz/ready`): started and, with
+    /// the eBPF redirect, every pod to enroll has its in-pod listeners and
+    /// enrolment. A failed eBPF load is never ready, so a rollout waits and
+    /// the running Nodeway keeps the node.
+    pub ready: AtomicBool,
+}
+
+impl ConfigStatus {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Default for ConfigStatus {
@@ -28,6 +39,7 @@ impl Default for ConfigStatus {
             last_error: Mutex::default(),
             redirect: Mutex::default(),
             source_up: Arc::new(AtomicBool::new(true)),
+            ready: AtomicBool::new(false),
         }
     }
 }
@@ -43,6 +55,11 @@ pub struct RedirectStatus {
     /// Attached programs and their kernel ids (`bpftool prog show id N`).
     pub programs: Vec<ProgramStatus>,
     pub enrolled: Vec<EnrolledPod>,
+    /// Whether the maps of a Nodeway already running were taken over at start.
+    pub took_over: bool,
+    /// Pods to enroll that are not (yet): no network namespace found, or the
+    /// enrolment failed (logged); `pod: reason`.
+    pub pending: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -36,6 +36,9 @@ pub const BYSTANDER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 6);
 pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 pub const SERVICE_FQDN: &str = "mock-server.shop.svc.cluster.local";
 pub const CLUSTER: &str = "outbound|80||mock-server.shop.svc.cluster.local";
+/// Service `echo.shop` (port `tcp-echo`, declared TCP): the backends' raw
+/// TCP echo on :7000, with [`MeshOptions::echo_service`].
+pub const ECHO_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 7000);
 
 /// (pod name, IP, node, zone) of the backends.
 pub const BACKENDS: [(&str, Ipv4Addr, &str, &str); 3] = [
@@ -75,6 +78,8 @@ pub struct MeshOptions {
     /// Kubernetes mode: the objects are served by an in-process fake API
     /// server (`--kubernetes --kube-api`), every pod is found by its UID.
     pub kubernetes: bool,
+    /// The backends also run a TCP echo on :7000, Service `echo` ([`ECHO_VIP`]).
+    pub echo_service: bool,
 }
 
 /// `metadata.uid` of a mesh pod (used when its namespace is found by UID).
@@ -104,6 +109,7 @@ impl Default for MeshOptions {
             fail_rates: [0.0; 3],
             discover_client: false,
             kubernetes: false,
+            echo_service: false,
         }
     }
 }
@@ -201,6 +207,27 @@ pub fn config_yaml(topo: &Topology, opts: &MeshOptions) -> String {
         );
     }
     y.push_str("---\n");
+    if opts.echo_service {
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: shop\n\
+             spec:\n  selector:\n    app: mock-server\n  clusterIP: {vip}\n  ports:\n    - name: tcp-echo\n      \
+             port: {port}\n      targetPort: 7000\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  \
+             namespace: shop\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\n\
+             ports:\n  - name: tcp-echo\n    port: 7000\n    protocol: TCP\nendpoints:\n",
+            vip = ECHO_VIP.ip(),
+            port = ECHO_VIP.port()
+        );
+        for (name, ip, node, zone) in BACKENDS {
+            let _ = write!(
+                y,
+                "  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n    nodeName: {node}\n    \
+                 zone: {zone}\n    targetRef: {{kind: Pod, namespace: shop, name: {name}}}\n"
+            );
+        }
+        y.push_str("---\n");
+    }
     y.push_str(&opts.extra_yaml);
     y
 }
@@ -209,6 +236,13 @@ impl Mesh {
     /// Builds the topology, starts the backends and the proxy, and waits
     /// until the proxy reports every expected pod enrolled.
     pub fn start(nodeway: &Path, mock_upstream: &Path, opts: MeshOptions) -> Mesh {
+        let mut mesh = Mesh::build(mock_upstream, opts);
+        mesh.start_proxy(nodeway);
+        mesh
+    }
+
+    /// The topology, backends and configuration, without a proxy.
+    pub fn build(mock_upstream: &Path, opts: MeshOptions) -> Mesh {
         let mut topo = Topology::new();
         topo.add_pod(CLIENT, CLIENT_IP);
         topo.add_pod(CLIENT_B, CLIENT_B_IP);
@@ -218,15 +252,23 @@ impl Mesh {
             topo.add_pod(name, ip);
             let listen = format!("{ip}:8080");
             let fail = opts.fail_rates[i].to_string();
-            let mut child = topo.spawn(
-                name,
-                mock_upstream,
-                &["--listen", &listen, "--name", name, "--fail-rate", &fail],
-            );
+            let echo = format!("{ip}:{}", ECHO_VIP.port());
+            let mut args = vec!["--listen", &listen, "--name", name, "--fail-rate", &fail];
+            if opts.echo_service {
+                args.extend(["--echo", &echo]);
+            }
+            let mut child = topo.spawn(name, mock_upstream, &args);
             crate::topology::wait_for_stdout_line(&mut child, "listening", Duration::from_secs(10));
             backends.push(SocketAddrV4::new(ip, 8080));
         }
         topo.add_service_vip(VIP, &backends);
+        if opts.echo_service {
+            let echo: Vec<SocketAddrV4> = backends
+                .iter()
+                .map(|b| SocketAddrV4::new(*b.ip(), ECHO_VIP.port()))
+                .collect();
+            topo.add_service_vip(ECHO_VIP, &echo);
+        }
         let mut sandboxes = Vec::new();
         // Pods found by UID get a "sandbox": a long-lived process in the
         // pod's namespace, in a cgroup named `pod<UID>` as the kubelet names them.
@@ -243,6 +285,20 @@ impl Mesh {
         let dir = std::env::temp_dir().join(format!("{}-mesh", topo.id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mesh temp dir");
+        // A bpf filesystem of the mesh's own for the pinned maps, so meshes
+        // running at once (and the host's /sys/fs/bpf) never share them.
+        let bpffs = dir.join("bpffs");
+        std::fs::create_dir_all(&bpffs).expect("bpffs mount point");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&bpffs)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            mounted,
+            "cannot mount a bpf filesystem at {}",
+            bpffs.display()
+        );
         let config = dir.join("mesh.yaml");
         let yaml = config_yaml(&topo, &opts);
         std::fs::write(&config, &yaml).expect("write mesh config");
@@ -256,7 +312,7 @@ impl Mesh {
             apply_yaml(&server, &yaml);
             (rt, server)
         });
-        let mut mesh = Mesh {
+        Mesh {
             log: AccessLog::new(dir.join("access.log")),
             proxy_stderr: dir.join("nodeway.stderr"),
             admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
@@ -268,9 +324,92 @@ impl Mesh {
             sandboxes,
             kube,
             opts,
+        }
+    }
+
+    /// Where the proxies pin their eBPF maps (on the mesh's own bpffs).
+    pub fn pin_dir(&self) -> PathBuf {
+        self.dir.join("bpffs").join("nodeway")
+    }
+
+    /// Arguments of `nodeway run` for this mesh.
+    pub fn proxy_args(
+        &self,
+        admin: SocketAddr,
+        metrics: SocketAddr,
+        readiness: &str,
+        log: &Path,
+    ) -> Vec<String> {
+        let source: Vec<String> = match &self.kube {
+            Some((_, server)) => vec!["--kubernetes".into(), "--kube-api".into(), server.url()],
+            None => vec!["--config".into(), self.config.display().to_string()],
         };
-        mesh.start_proxy(nodeway);
-        mesh
+        ["run".to_owned()]
+            .into_iter()
+            .chain(source)
+            .chain([
+                "--redirect".into(),
+                "ebpf".into(),
+                "--sockmap".into(),
+                if self.opts.sockmap { "on" } else { "off" }.into(),
+                "--cgroup".into(),
+                self.topo.cgroup_dir().display().to_string(),
+                "--bpf-pin-dir".into(),
+                self.pin_dir().display().to_string(),
+                "--node".into(),
+                "node-a".into(),
+                "--outbound-addr".into(),
+                "127.0.0.1:0".into(),
+                "--admin-addr".into(),
+                admin.to_string(),
+                "--metrics-addr".into(),
+                metrics.to_string(),
+                "--readiness-addr".into(),
+                readiness.to_owned(),
+                "--access-log".into(),
+                log.display().to_string(),
+                "--log-level".into(),
+                "info,nodeway::ebpf=debug".into(),
+            ])
+            .collect()
+    }
+
+    /// The topology's cgroup for proxies.
+    fn proxy_cgroup(&mut self) -> PathBuf {
+        let cgroup = self.topo.cgroup_dir().join("proxy");
+        if cgroup.is_dir() {
+            cgroup
+        } else {
+            self.topo.add_cgroup("proxy")
+        }
+    }
+
+    /// Starts another proxy process (`name` for its files) next to any
+    /// running one, on ports of its own; does not wait for it.
+    pub fn spawn_generation(&mut self, nodeway: &Path, name: &str, extra: &[&str]) -> Generation {
+        let cgroup = self.proxy_cgroup();
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let readiness = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = self.dir.join(format!("access-{name}.log"));
+        let stderr_path = self.dir.join(format!("nodeway-{name}.stderr"));
+        let mut args = self.proxy_args(admin, metrics, &readiness.to_string(), &log);
+        if extra.contains(&"--config")
+            && let Some(i) = args.iter().position(|a| a == "--config")
+        {
+            args.drain(i..i + 2);
+        }
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let mut child = self.topo.spawn_in_cgroup(&cgroup, nodeway, &args);
+        copy_output(&mut child, &stderr_path);
+        Generation {
+            name: name.to_owned(),
+            child: Some(child),
+            admin,
+            readiness,
+            log: AccessLog::new(log),
+            stderr_path,
+        }
     }
 
     /// Starts the proxy (again) and waits for its enrolment. The admin and
@@ -290,56 +429,11 @@ impl Mesh {
     }
 
     fn try_start_proxy(&mut self, nodeway: &Path) -> Result<(), String> {
-        let cgroup = self.topo.cgroup_dir().join("proxy");
-        let cgroup = if cgroup.is_dir() {
-            cgroup
-        } else {
-            self.topo.add_cgroup("proxy")
-        };
-        let stderr = std::fs::File::create(&self.proxy_stderr).expect("proxy stderr file");
-        let source: Vec<String> = match &self.kube {
-            Some((_, server)) => vec!["--kubernetes".into(), "--kube-api".into(), server.url()],
-            None => vec!["--config".into(), self.config.display().to_string()],
-        };
-        let args: Vec<String> = ["run".to_owned()]
-            .into_iter()
-            .chain(source)
-            .chain([
-                "--redirect".into(),
-                "ebpf".into(),
-                "--sockmap".into(),
-                if self.opts.sockmap { "on" } else { "off" }.into(),
-                "--cgroup".into(),
-                self.topo.cgroup_dir().display().to_string(),
-                "--node".into(),
-                "node-a".into(),
-                "--outbound-addr".into(),
-                "127.0.0.1:0".into(),
-                "--admin-addr".into(),
-                self.admin.to_string(),
-                "--metrics-addr".into(),
-                self.metrics.to_string(),
-                "--readiness-addr".into(),
-                "127.0.0.1:0".into(),
-                "--access-log".into(),
-                self.log.path().display().to_string(),
-                "--log-level".into(),
-                "info,nodeway::ebpf=debug".into(),
-            ])
-            .collect();
+        let cgroup = self.proxy_cgroup();
+        let args = self.proxy_args(self.admin, self.metrics, "127.0.0.1:0", self.log.path());
         let mut child = self.topo.spawn_in_cgroup(&cgroup, nodeway, &args);
         // Keep the proxy's stderr in a file the tests can show on failure.
-        if let Some(mut err) = child.stderr.take() {
-            let mut file = stderr;
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut err, &mut file);
-            });
-        }
-        if let Some(mut out) = child.stdout.take() {
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut out, &mut std::io::sink());
-            });
-        }
+        copy_output(&mut child, &self.proxy_stderr);
         self.proxy = Some(child);
         let expected = self.expected_enrolled();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -474,6 +568,95 @@ impl Mesh {
     }
 }
 
+/// Copies a child's stderr to `path` and discards its stdout, in threads.
+fn copy_output(child: &mut Child, path: &Path) {
+    let file = std::fs::File::create(path).expect("proxy stderr file");
+    if let Some(mut err) = child.stderr.take() {
+        let mut file = file;
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut err, &mut file);
+        });
+    }
+    if let Some(mut out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
+        });
+    }
+}
+
+/// One proxy process of an upgrade sequence.
+pub struct Generation {
+    pub name: String,
+    pub child: Option<Child>,
+    pub admin: SocketAddr,
+    pub readiness: SocketAddr,
+    pub log: AccessLog,
+    stderr_path: PathBuf,
+}
+
+impl Generation {
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits until `/healthz/ready` answers 200; `Err` with its stderr if
+    /// the process exits first or `within` passes.
+    pub fn wait_ready(&mut self, within: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        loop {
+            if http_get(self.readiness, "/healthz/ready").is_some() {
+                return Ok(start.elapsed());
+            }
+            if let Some(Ok(Some(exit))) = self.child.as_mut().map(Child::try_wait) {
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(format!("{} exited ({exit}):\n{}", self.name, self.stderr()));
+            }
+            if start.elapsed() > within {
+                return Err(format!(
+                    "{} not ready in {within:?}:\n{}",
+                    self.name,
+                    self.stderr()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = std::process::Command::new("kill")
+                .args([format!("-{signal}"), child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Waits for the process to exit (killed after `within`).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Drop for Mesh {
     fn drop(&mut self) {
         for mut child in self.sandboxes.drain(..) {
@@ -484,6 +667,10 @@ impl Drop for Mesh {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.join("bpffs"))
+            .status();
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {

@@ -428,11 +428,24 @@ async fn readiness_and_help() {
         "{body}"
     );
 
-    // The separate readiness listener, failing once draining starts.
+    // The separate readiness listener: not ready until the proxy serves
+    // every pod it should, failing once draining starts.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let draining = nodeway::admin::CancellationToken::new();
-    tokio::spawn(nodeway::admin::serve_readiness(listener, draining.clone()));
+    let status = std::sync::Arc::new(nodeway::status::ConfigStatus::default());
+    tokio::spawn(nodeway::admin::serve_readiness(
+        listener,
+        status.clone(),
+        draining.clone(),
+    ));
+    assert_eq!(
+        admin_call(addr, "GET", "/healthz/ready").await,
+        (503, "NOT READY\n".into())
+    );
+    status
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(
         admin_call(addr, "GET", "/healthz/ready").await,
         (200, "LIVE\n".into())

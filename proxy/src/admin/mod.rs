@@ -6,7 +6,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `GET /ready`, `GET /healthz/ready` | `200 LIVE` |
+//! | `GET /ready`, `GET /healthz/ready` | `200 LIVE` once serving every pod to enroll, else `503 NOT READY` |
 //! | `GET /config_dump` | JSON: generation, reload error, object counts, per client cluster the effective policy and its DestinationRule |
 //! | `GET /stats[?filter=RE][&source=W][&format=json]` | `cluster.<name>.<stat>: <value>` lines, summed over client pods |
 //! | `POST /reset_counters` | zeroes counters (gauges keep their value) |
@@ -75,7 +75,11 @@ pub async fn serve(
 /// admin API stays on loopback. Answers `503 DRAINING` once `draining` is
 /// cancelled (SIGTERM), so the endpoint leaves Services before the process
 /// stops.
-pub async fn serve_readiness(listener: TcpListener, draining: CancellationToken) {
+pub async fn serve_readiness(
+    listener: TcpListener,
+    status: Arc<ConfigStatus>,
+    draining: CancellationToken,
+) {
     serve_http(
         listener,
         "readiness",
@@ -83,11 +87,7 @@ pub async fn serve_readiness(listener: TcpListener, draining: CancellationToken)
         move |req: Request<Incoming>| {
             let reply = match (req.method(), req.uri().path()) {
                 (&Method::GET | &Method::HEAD, "/healthz/ready" | "/ready") => {
-                    if draining.is_cancelled() {
-                        text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
-                    } else {
-                        text(StatusCode::OK, "LIVE\n")
-                    }
+                    readiness(&status, draining.is_cancelled())
                 }
                 _ => text(StatusCode::NOT_FOUND, "readiness: GET /healthz/ready\n"),
             };
@@ -95,6 +95,18 @@ pub async fn serve_readiness(listener: TcpListener, draining: CancellationToken)
         },
     )
     .await;
+}
+
+/// `200 LIVE` once serving every pod it should (see [`ConfigStatus::ready`]),
+/// `503 NOT READY` before, `503 DRAINING` from SIGTERM on.
+fn readiness(status: &ConfigStatus, draining: bool) -> Response<Full<Bytes>> {
+    if draining {
+        text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+    } else if status.is_ready() {
+        text(StatusCode::OK, "LIVE\n")
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, "NOT READY\n")
+    }
 }
 
 /// How long the admin, metrics and readiness servers wait for a request's
@@ -189,7 +201,7 @@ fn handle(req: &Request<Incoming>, proxy: &Proxy, status: &ConfigStatus) -> Resp
     let method = req.method();
     let get = method == Method::GET || method == Method::HEAD;
     match req.uri().path() {
-        "/ready" | "/healthz/ready" if get => text(StatusCode::OK, "LIVE\n"),
+        "/ready" | "/healthz/ready" if get => readiness(status, false),
         "/" | "/help" if get => text(StatusCode::OK, HELP),
         "/config_dump" if get => json(&dump::config_dump(proxy, status)),
         "/redirect" if get => json(

@@ -48,6 +48,8 @@ pub struct Enroller {
     proc_root: PathBuf,
     /// Pods last found without a namespace, to log each once.
     waiting: HashSet<String>,
+    /// Pods the last reconcile could not enroll, `pod: reason`.
+    pending: Vec<String>,
 }
 
 impl Enroller {
@@ -67,7 +69,20 @@ impl Enroller {
             pods: HashMap::new(),
             proc_root: PathBuf::from("/proc"),
             waiting: HashSet::new(),
+            pending: Vec::new(),
         }
+    }
+
+    /// Pods that should be enrolled and are not, sorted; empty when every
+    /// pod to enroll is served (readiness).
+    pub fn pending(&self) -> &[String] {
+        &self.pending
+    }
+
+    /// Whether another live Nodeway shares the eBPF maps, so it keeps these
+    /// pods redirected when this process stops.
+    pub fn another_process_shares_maps(&self) -> bool {
+        self.ebpf.another_process_shares_maps()
     }
 
     /// The pods enrolled now, sorted.
@@ -127,6 +142,10 @@ impl Enroller {
                 }
             }
         }
+        self.pending = waiting
+            .iter()
+            .map(|pod| format!("{pod}: no network namespace found yet"))
+            .collect();
         self.waiting = waiting;
         wanted
     }
@@ -164,9 +183,11 @@ impl Enroller {
                 }
                 Err(err) => {
                     tracing::error!(pod = %key, netns = %netns_path.display(), "cannot enroll pod: {err}");
+                    self.pending.push(format!("{key}: {err}"));
                 }
             }
         }
+        self.pending.sort();
     }
 
     fn enroll(
@@ -231,10 +252,22 @@ impl Enroller {
         })
     }
 
-    /// Unenrolls every pod (clean exit).
+    /// Unenrolls every pod and removes the pins: the exit of the last
+    /// Nodeway on the node (new connections go direct: fail open).
     pub fn clear(&mut self) {
         for (_, entry) in self.pods.drain() {
             self.ebpf.unenroll(entry.enrolled);
+            entry.stop.cancel();
+        }
+        self.ebpf.remove_pins();
+    }
+
+    /// Leaves every pod enrolled for the Nodeway that shares the maps and
+    /// stops this one's in-pod listeners: new connections go to the other
+    /// process's listeners (same address, `SO_REUSEPORT`), and connections
+    /// still queued on ours migrate there as they close.
+    pub fn hand_over(&mut self) {
+        for (_, entry) in self.pods.drain() {
             entry.stop.cancel();
         }
     }

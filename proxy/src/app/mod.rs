@@ -146,16 +146,35 @@ impl Running {
     /// timeout, and returns whether everything finished in time.
     pub async fn shutdown(self) -> bool {
         if let Some(enroller) = &self.enroller {
-            // New connections of enrolled pods go direct from now on.
-            enroller.lock().expect("enroller lock").clear();
+            let mut enroller = enroller.lock().expect("enroller lock");
+            if enroller.another_process_shares_maps() {
+                tracing::info!(
+                    "another Nodeway shares the eBPF maps: the enrolled pods stay redirected, to it; draining"
+                );
+                enroller.hand_over();
+            } else {
+                tracing::info!(
+                    "no other Nodeway on this node: pods unenrolled, their new connections go direct (fail open); draining"
+                );
+                enroller.clear();
+            }
         }
+        self.status.ready.store(false, Ordering::Relaxed);
         self.shutdown.cancel();
         self.connections.close();
         let drained = tokio::time::timeout(self.drain_timeout, self.connections.wait())
             .await
             .is_ok();
         if !drained {
-            tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached with requests in flight");
+            // TCP and upgraded streams were kept to the deadline: FIN now,
+            // and a moment for their clients to close their side.
+            tracing::warn!(
+                timeout = ?self.drain_timeout,
+                open = self.connections.len(),
+                "drain deadline reached: closing the connections still open"
+            );
+            self.proxy.drain_deadline.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.connections.wait()).await;
         }
         // The finished requests' lines are queued; make sure they reach the file.
         let logger = self.proxy.logger.clone();
@@ -203,6 +222,37 @@ pub async fn start(
         source,
     })?;
     status.generation.store(1, Ordering::Relaxed);
+    // Every listener is bound before the eBPF programs load, so a start that
+    // fails here leaves the node's data path (and a running Nodeway) untouched.
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    // Shared with the next Nodeway during an upgrade, like the in-pod listeners.
+    let outbound = crate::redirect::netns::bind_shared(opts.outbound_addr).map_err(|source| {
+        StartError::Bind {
+            what: "outbound listener",
+            addr: opts.outbound_addr,
+            source,
+        }
+    })?;
+    let admin_listener = bind("admin API", opts.admin_addr).await?;
+    let metrics_listener = bind("metrics endpoint", opts.metrics_addr).await?;
+    let outbound_addr = outbound.local_addr().expect("bound");
+    let admin_addr = admin_listener.local_addr().expect("bound");
+    let metrics_addr = metrics_listener.local_addr().expect("bound");
+    let readiness = match opts.readiness {
+        Readiness::Off => None,
+        Readiness::Default(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(err) => {
+                tracing::warn!(%addr, %err, "cannot listen for the readiness probe; not serving it (use --readiness-addr)");
+                None
+            }
+        },
+        Readiness::Required(addr) => Some(bind("readiness probe", addr).await?),
+    };
     let ebpf = match &opts.redirect {
         None => {
             status.redirect.lock().expect("status lock").mode = "off";
@@ -238,6 +288,8 @@ pub async fn start(
                     sockmap: ebpf.sockmap(),
                     programs,
                     enrolled: Vec::new(),
+                    took_over: ebpf.took_over(),
+                    pending: Vec::new(),
                 };
                 Some(ebpf)
             }
@@ -262,34 +314,15 @@ pub async fn start(
         original_dst,
     ));
 
-    let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what, addr, source })
-    };
-    let outbound = bind("outbound listener", opts.outbound_addr).await?;
-    let admin_listener = bind("admin API", opts.admin_addr).await?;
-    let metrics_listener = bind("metrics endpoint", opts.metrics_addr).await?;
-    let outbound_addr = outbound.local_addr().expect("bound");
-    let admin_addr = admin_listener.local_addr().expect("bound");
-    let metrics_addr = metrics_listener.local_addr().expect("bound");
-
-    let readiness = match opts.readiness {
-        Readiness::Off => None,
-        Readiness::Default(addr) => match TcpListener::bind(addr).await {
-            Ok(l) => Some(l),
-            Err(err) => {
-                tracing::warn!(%addr, %err, "cannot listen for the readiness probe; not serving it (use --readiness-addr)");
-                None
-            }
-        },
-        Readiness::Required(addr) => Some(bind("readiness probe", addr).await?),
-    };
     let shutdown = CancellationToken::new();
     if let Some(listener) = readiness {
         tracing::info!(addr = %listener.local_addr().expect("bound"), "readiness probe listening");
         // Draining starts with shutdown: the probe fails from then on.
-        tokio::spawn(admin::serve_readiness(listener, shutdown.clone()));
+        tokio::spawn(admin::serve_readiness(
+            listener,
+            status.clone(),
+            shutdown.clone(),
+        ));
     }
     let connections = TaskTracker::new();
     tokio::spawn(crate::resilience::overload::monitor_memory(
@@ -313,7 +346,7 @@ pub async fn start(
                 connections.clone(),
             );
             enroller.reconcile(&proxy.snapshot.load());
-            status.redirect.lock().expect("status lock").enrolled = enroller.enrolled();
+            report_enrolment(&status, &enroller);
             let enroller = Arc::new(Mutex::new(enroller));
             tokio::spawn(rescan_pods(
                 enroller.clone(),
@@ -323,7 +356,13 @@ pub async fn start(
             ));
             Some(enroller)
         }
-        _ => None,
+        // Without the redirect there is nothing more to wait for; a failed
+        // eBPF load is never ready.
+        (None, _) => {
+            status.ready.store(true, Ordering::Relaxed);
+            None
+        }
+        (Some(_), None) => None,
     };
     tokio::spawn(admin::serve(
         admin_listener,
@@ -409,16 +448,25 @@ async fn rescan_pods(
         let snapshot = proxy.snapshot.load_full();
         // The scan reads /proc: keep it off the runtime's worker threads.
         let enroller = enroller.clone();
-        let enrolled = tokio::task::spawn_blocking(move || {
+        let status = status.clone();
+        let _ = tokio::task::spawn_blocking(move || {
             let mut enroller = enroller.lock().expect("enroller lock");
             enroller.reconcile(&snapshot);
-            enroller.enrolled()
+            report_enrolment(&status, &enroller);
         })
         .await;
-        if let Ok(enrolled) = enrolled {
-            status.redirect.lock().expect("status lock").enrolled = enrolled;
-        }
     }
+}
+
+/// Publishes the enrolment (admin `/redirect`) and readiness: ready once
+/// every pod to enroll is enrolled.
+fn report_enrolment(status: &ConfigStatus, enroller: &Enroller) {
+    let mut redirect = status.redirect.lock().expect("status lock");
+    redirect.enrolled = enroller.enrolled();
+    redirect.pending = enroller.pending().to_vec();
+    status
+        .ready
+        .store(redirect.pending.is_empty(), Ordering::Relaxed);
 }
 
 /// `nodeway run`: start, wait for SIGTERM/SIGINT, drain, return.

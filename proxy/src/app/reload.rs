@@ -110,7 +110,7 @@ impl Installer {
         if let Some(enroller) = &self.enroller {
             let mut enroller = enroller.lock().expect("enroller lock");
             enroller.reconcile(&self.proxy.snapshot.load());
-            self.status.redirect.lock().expect("status lock").enrolled = enroller.enrolled();
+            super::report_enrolment(&self.status, &enroller);
         }
         self.status.generation.fetch_add(1, Ordering::Relaxed) + 1
     }

@@ -18,7 +18,7 @@ pub mod body;
 pub mod clients;
 pub mod inbound;
 pub mod outbound;
-mod relay;
+pub(crate) mod relay;
 pub mod route;
 pub mod upstream;
 
@@ -125,6 +125,9 @@ pub struct Proxy {
     pub overload: Arc<Overload>,
     pub settings: ProxySettings,
     pub original_dst: Arc<dyn OriginalDst>,
+    /// Cancelled when a draining Nodeway's deadline passes: TCP and upgraded
+    /// connections, kept until then, are closed with FIN.
+    pub drain_deadline: CancellationToken,
 }
 
 impl Proxy {
@@ -153,6 +156,7 @@ impl Proxy {
             })),
             settings,
             original_dst,
+            drain_deadline: CancellationToken::new(),
         }
     }
 

@@ -8,9 +8,11 @@
 //! - `sk_msg` attaches to the socket map when `--sockmap on`.
 //! - `sk_lookup` attaches to each enrolled pod's network namespace.
 //!
-//! Nothing is pinned: every attachment is a bpf_link owned by this process,
-//! so the kernel detaches it when the proxy exits, cleanly or not, and a
-//! restart attaches afresh without duplicates.
+//! Programs are not pinned: every attachment is a bpf_link owned by this
+//! process, so the kernel detaches it when the proxy exits, cleanly or not,
+//! and nothing redirects to a proxy that is gone (fail open). The maps are
+//! pinned under `--bpf-pin-dir` and shared with any other Nodeway on the
+//! node (`pins.rs`), which is what makes an upgrade hitless.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -18,7 +20,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, IterableMap, MapData, SockHash};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use nodeway_ebpf_common::{EnrolledNetns, OrigDst, SockTuple, v4_mapped};
@@ -26,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::OriginalDst;
 use super::netns::{Netns, netns_cookie};
+use super::pins::{self, PinError, PinState};
 
 /// The programs, built by `proxy/build.rs` from `proxy-ebpf/`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeway"));
@@ -88,6 +91,9 @@ pub struct EbpfOptions {
     /// the proxy itself too).
     pub cgroup: Option<PathBuf>,
     pub sockmap: bool,
+    /// bpffs directory where the shared maps are pinned (`None`: not pinned,
+    /// so a second Nodeway cannot take over without a gap).
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// One enrolled pod's attachments; dropping it does not detach, `unenroll` does.
@@ -117,6 +123,10 @@ pub struct EbpfRedirect {
     attached: Vec<(&'static str, u32)>,
     /// Kernel id of the inbound capture program (attached per pod).
     inbound_id: u32,
+    /// Where the shared maps are pinned, if they are.
+    pin_dir: Option<PathBuf>,
+    /// Whether a running Nodeway's maps were taken over at load.
+    took_over: bool,
 }
 
 impl std::fmt::Debug for EbpfRedirect {
@@ -150,9 +160,22 @@ impl EbpfRedirect {
                 "pass --cgroup with a cgroup v2 directory that contains the pods",
             )
         })?;
+        let (pin_dir, took_over) = match &opts.pin_dir {
+            None => (None, false),
+            Some(dir) => match prepare_pins(dir)? {
+                Some(state) => (Some(dir.clone()), state == PinState::Shared),
+                None => (None, false),
+            },
+        };
         let sockmap_flag: u8 = opts.sockmap.into();
-        let mut ebpf = EbpfLoader::new()
-            .override_global("SOCKMAP_ENABLED", &sockmap_flag, true)
+        let mut loader = EbpfLoader::new();
+        loader.override_global("SOCKMAP_ENABLED", &sockmap_flag, true);
+        if let Some(dir) = &pin_dir {
+            for name in pins::SHARED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| fail("loading the eBPF object (maps and BTF)", e, HINT_PRIVILEGE))?;
         match aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog) {
@@ -221,7 +244,39 @@ impl EbpfRedirect {
             sockmap: opts.sockmap,
             attached,
             inbound_id,
+            pin_dir,
+            took_over,
         })
+    }
+
+    /// Whether this process shares its maps with a Nodeway that was running
+    /// when it loaded.
+    pub fn took_over(&self) -> bool {
+        self.took_over
+    }
+
+    /// Whether another live Nodeway shares this one's pinned maps (then it
+    /// takes over when this one exits). Without pins there is none.
+    pub fn another_process_shares_maps(&self) -> bool {
+        if self.pin_dir.is_none() {
+            return false;
+        }
+        let Ok(info) = self.enrolled.lock().expect("map lock").map().info() else {
+            return false;
+        };
+        let mut own: Vec<u32> = self.attached.iter().map(|(_, id)| *id).collect();
+        own.push(self.inbound_id);
+        pins::used_by_another_process(info.id(), &own)
+    }
+
+    /// Removes the pins (when no other Nodeway uses them); the maps live on
+    /// until this process exits.
+    pub fn remove_pins(&self) {
+        if let Some(dir) = &self.pin_dir
+            && let Err(err) = pins::remove(dir)
+        {
+            tracing::warn!(%err, "removing the pinned eBPF maps");
+        }
     }
 
     pub fn cgroup(&self) -> &Path {
@@ -333,6 +388,45 @@ impl EbpfRedirect {
             .keys()
             .filter_map(Result::ok)
             .collect()
+    }
+}
+
+/// Checks the pin directory before loading. `Ok(None)`: pinning is not
+/// possible here (no bpffs), so the maps are private to this process.
+fn prepare_pins(dir: &Path) -> Result<Option<PinState>, EbpfError> {
+    let layouts = pins::object_layouts(PROGRAMS).map_err(|detail| EbpfError {
+        step: "reading the map layouts of the eBPF object".into(),
+        detail,
+        hint: "rebuild: the object and the proxy are out of step",
+    })?;
+    match pins::prepare(dir, &layouts) {
+        Ok(state) => {
+            match state {
+                PinState::Shared => {
+                    tracing::info!(dir = %dir.display(), "taking over the eBPF maps of the Nodeway running on this node")
+                }
+                PinState::Fresh {
+                    removed_stale: true,
+                } => {
+                    tracing::info!(dir = %dir.display(), "removed eBPF map pins left by a Nodeway that is no longer running")
+                }
+                PinState::Fresh { .. } => {}
+            }
+            Ok(Some(state))
+        }
+        Err(err @ (PinError::NotBpffs(_) | PinError::Io { .. })) => {
+            tracing::warn!(
+                "cannot pin the eBPF maps ({err}): serving with private maps, so an upgrade \
+                 will not be hitless; mount bpffs there (mount -t bpf bpf /sys/fs/bpf) or pass --bpf-pin-dir"
+            );
+            Ok(None)
+        }
+        Err(err @ PinError::LayoutMismatch { .. }) => Err(EbpfError {
+            step: "sharing the pinned eBPF maps".into(),
+            detail: err.to_string(),
+            hint: "upgrade with the running Nodeway stopped first (its pods' connections go direct meanwhile), \
+                   or roll back to a version with the same map layout",
+        }),
     }
 }
 

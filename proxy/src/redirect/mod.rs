@@ -9,6 +9,7 @@
 pub mod discover;
 pub mod ebpf;
 pub mod netns;
+pub mod pins;
 
 use std::net::SocketAddr;
 

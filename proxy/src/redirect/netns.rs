@@ -99,20 +99,49 @@ impl Netns {
         Ok(f())
     }
 
-    /// A listening socket bound to `addr` inside the namespace.
+    /// A listening socket bound to `addr` inside the namespace, shared with
+    /// the next Nodeway during an upgrade ([`crate::net::shared_listener`]).
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        let socket = self.run(|| -> io::Result<Socket> {
-            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            socket.set_reuse_address(true)?;
-            if addr.is_ipv6() {
-                socket.set_only_v6(true)?;
-            }
-            socket.bind(&addr.into())?;
-            socket.listen(1024)?;
-            Ok(socket)
+        let socket = self.run(|| {
+            enable_request_migration();
+            shared_listener(addr)
         })??;
         socket.set_nonblocking(true)?;
         TcpListener::from_std(socket.into())
+    }
+}
+
+/// A listening socket (blocking mode) with `SO_REUSEPORT`: a second Nodeway
+/// binds the same address during an upgrade and both accept until the old
+/// one closes its socket. With `tcp_migrate_req` on in the namespace,
+/// connections still queued on the closed socket move to the other one
+/// instead of being reset.
+pub fn shared_listener(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket)
+}
+
+/// [`shared_listener`] in the proxy's own namespace, ready for tokio.
+pub fn bind_shared(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = shared_listener(addr)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Turns on `net.ipv4.tcp_migrate_req` (Linux 5.14) in the calling thread's
+/// network namespace (`/proc/sys/net` follows the opener's namespace). Best
+/// effort: without it, a handover may reset the few connections queued on
+/// the old listener as it closes.
+fn enable_request_migration() {
+    if let Err(err) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+        tracing::debug!(%err, "cannot enable tcp_migrate_req");
     }
 }
 

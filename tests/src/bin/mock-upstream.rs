@@ -1,6 +1,6 @@
 //! `mock-upstream --listen ADDR [--listen ADDR ...] [--name NAME]
-//! [--fail-rate F] [--fail-code N]`: runs one mock upstream per listen
-//! address until SIGINT/SIGTERM.
+//! [--fail-rate F] [--fail-code N] [--echo ADDR]`: runs one mock upstream per
+//! listen address until SIGINT/SIGTERM; `--echo` adds a raw TCP echo server.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -9,13 +9,14 @@ use std::process::ExitCode;
 use nodeway_tests::{MockOptions, MockUpstream};
 
 const USAGE: &str = "usage: mock-upstream --listen ADDR [--listen ADDR ...] [--name NAME] \
-                     [--fail-rate F] [--fail-code N]";
+                     [--fail-rate F] [--fail-code N] [--echo ADDR]";
 
 struct Args {
     listen: Vec<SocketAddr>,
     name: Option<String>,
     fail_rate: f64,
     fail_code: u16,
+    echo: Option<SocketAddr>,
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -24,6 +25,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         name: None,
         fail_rate: 0.0,
         fail_code: 503,
+        echo: None,
     };
     while let Some(flag) = it.next() {
         let (flag, inline) = match flag.split_once('=') {
@@ -46,6 +48,10 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     .push(v.parse().map_err(|e| format!("--listen {v}: {e}"))?);
             }
             "--name" => args.name = Some(value()?),
+            "--echo" => {
+                let v = value()?;
+                args.echo = Some(v.parse().map_err(|e| format!("--echo {v}: {e}"))?);
+            }
             "--fail-rate" => {
                 let v = value()?;
                 let f: f64 = v.parse().map_err(|e| format!("--fail-rate {v}: {e}"))?;
@@ -117,10 +123,32 @@ async fn main() -> ExitCode {
             }
         }
     }
+    if let Some(addr) = args.echo {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                println!("echo on {addr}");
+                tokio::spawn(echo(listener));
+            }
+            Err(e) => {
+                eprintln!("mock-upstream: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let _ = std::io::stdout().flush();
     wait_for_signal().await;
     for m in mocks {
         m.stop().await;
     }
     ExitCode::SUCCESS
+}
+
+/// Raw TCP echo: every byte back, until the peer closes.
+async fn echo(listener: tokio::net::TcpListener) {
+    while let Ok((mut stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let (mut read, mut write) = stream.split();
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+        });
+    }
 }

@@ -36,6 +36,8 @@ use tokio::time::Instant as TokioInstant;
 use super::http::{local_reply, strip_hop_by_hop, upstream_protocol, upstream_request};
 use super::tunnel::splice_upgrade;
 use crate::lb::{self, PickContext};
+use tokio_util::sync::CancellationToken;
+
 use crate::proxy::body::{
     ClientBodyFailure, Exchange, REPLAY_BUFFER_LIMIT, RequestBody, ResponseBody, grpc_status,
 };
@@ -96,6 +98,8 @@ struct Forwarder<'a> {
     exchange: Box<Exchange>,
     is_grpc: bool,
     on_upgrade: Option<OnUpgrade>,
+    /// For an upgrade: when a draining proxy closes the tunnel.
+    drain_deadline: Option<CancellationToken>,
     retry: RetryPolicy,
     cluster: Arc<ClientCluster>,
     config: Arc<ClusterConfig>,
@@ -233,6 +237,7 @@ impl<'a> Forwarder<'a> {
             body,
             exchange,
             is_grpc,
+            drain_deadline: on_upgrade.as_ref().map(|_| proxy.drain_deadline.clone()),
             on_upgrade,
             retry,
             cluster,
@@ -620,7 +625,14 @@ impl<'a> Forwarder<'a> {
         exchange.entry.grpc_status = grpc;
         if let (Some(downstream), Some(upstream)) = (self.on_upgrade, upstream_upgrade) {
             strip_hop_by_hop(&mut parts.headers, true);
-            tokio::spawn(splice_upgrade(downstream, upstream, self.exchange, hold));
+            let drain_deadline = self.drain_deadline.unwrap_or_default();
+            tokio::spawn(splice_upgrade(
+                downstream,
+                upstream,
+                self.exchange,
+                hold,
+                drain_deadline,
+            ));
             return Response::from_parts(parts, ResponseBody::empty());
         }
         strip_hop_by_hop(&mut parts.headers, false);

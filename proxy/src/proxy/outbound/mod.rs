@@ -6,7 +6,7 @@
 
 mod forward;
 pub mod http;
-mod idle;
+pub(in crate::proxy) mod idle;
 mod passthrough;
 pub mod sniff;
 mod tcp;

@@ -13,6 +13,7 @@ use super::sniff::PrefixedStream;
 
 use crate::lb::PickContext;
 use crate::proxy::clients::InFlight;
+use crate::proxy::relay::close_at_deadline;
 use crate::proxy::route::{RouteDecision, ServiceTarget, default_retry_policy};
 use crate::proxy::upstream::{ConnectFailure, connect};
 use crate::proxy::{ConnContext, Proxy};
@@ -129,11 +130,12 @@ pub(super) async fn serve_service(
             ClusterStats::inc(&cluster.stats.upstream_cx_total);
             ClusterStats::inc(&cluster.stats.upstream_cx_active);
             entry.upstream_local_address = Some(local);
-            // Draining does not cut TCP streams; the process exit at the end of the drain does.
+            // Draining keeps TCP streams until its deadline, then closes them with FIN.
             let (end, from_client, from_upstream) = relay_until_idle(
                 &mut downstream,
                 &mut upstream,
                 config.settings.tcp_idle_timeout,
+                &proxy.drain_deadline,
             )
             .await;
             entry.bytes_received += from_client;
@@ -150,6 +152,9 @@ pub(super) async fn serve_service(
                     tracing::debug!("TCP proxy connection closed after its idle timeout");
                     entry.connection_termination_details = Some("idle_timeout".into());
                 }
+                RelayEnd::DrainDeadline => {
+                    entry.connection_termination_details = Some("drain_deadline".into());
+                }
             }
             ClusterStats::dec(&cluster.stats.upstream_cx_active);
         }
@@ -164,6 +169,8 @@ enum RelayEnd {
     Failed(std::io::Error),
     /// Nothing was read from either side for the idle timeout.
     Idle,
+    /// The proxy's drain deadline passed; both sides got FIN.
+    DrainDeadline,
 }
 
 /// Bytes both ways until either side ends, or until nothing was read from
@@ -174,6 +181,7 @@ async fn relay_until_idle(
     downstream: &mut PrefixedStream,
     upstream: &mut tokio::net::TcpStream,
     idle: std::time::Duration,
+    drain_deadline: &tokio_util::sync::CancellationToken,
 ) -> (RelayEnd, u64, u64) {
     let (from_client, from_upstream) = (
         Arc::new(ReadCount::default()),
@@ -181,8 +189,7 @@ async fn relay_until_idle(
     );
     let mut down = CountingIo::new(downstream, from_client.clone());
     let mut up = CountingIo::new(upstream, from_upstream.clone());
-    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
-    tokio::pin!(copy);
+    let mut copy = Box::pin(tokio::io::copy_bidirectional(&mut down, &mut up));
     let activity = || from_client.get() + from_upstream.get();
     // Checked four times per period: closed within 1.25 × `idle` of the last byte.
     let tick = (idle / 4).max(std::time::Duration::from_millis(1));
@@ -194,6 +201,7 @@ async fn relay_until_idle(
                 Ok(_) => RelayEnd::Closed,
                 Err(err) => RelayEnd::Failed(err),
             },
+            _ = drain_deadline.cancelled() => break RelayEnd::DrainDeadline,
             _ = tokio::time::sleep(tick) => {
                 if activity() == seen {
                     quiet += tick;
@@ -206,5 +214,9 @@ async fn relay_until_idle(
             }
         }
     };
+    drop(copy);
+    if matches!(end, RelayEnd::DrainDeadline) {
+        close_at_deadline(&mut down, &mut up).await;
+    }
     (end, from_client.get(), from_upstream.get())
 }

@@ -4,8 +4,11 @@
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::proxy::body::Exchange;
 use crate::proxy::clients::UpstreamHold;
+use crate::proxy::relay::{Ended, copy_until_deadline};
 
 /// `_hold` keeps the request slot and in-flight count for the tunnel's life.
 pub async fn splice_upgrade(
@@ -13,6 +16,7 @@ pub async fn splice_upgrade(
     upstream: OnUpgrade,
     mut exchange: Box<Exchange>,
     _hold: Option<UpstreamHold>,
+    drain_deadline: CancellationToken,
 ) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
@@ -24,10 +28,14 @@ pub async fn splice_upgrade(
     };
     let mut down = TokioIo::new(down);
     let mut up = TokioIo::new(up);
-    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        Ok((from_client, from_upstream)) => {
-            exchange.entry.bytes_received = from_client;
-            exchange.entry.bytes_sent = from_upstream;
+    let (ended, from_client, from_upstream) =
+        copy_until_deadline(&mut down, &mut up, &drain_deadline).await;
+    exchange.entry.bytes_received = from_client;
+    exchange.entry.bytes_sent = from_upstream;
+    match ended {
+        Ok(Ended::Closed) => {}
+        Ok(Ended::DrainDeadline) => {
+            exchange.entry.connection_termination_details = Some("drain_deadline".into());
         }
         Err(err) => tracing::debug!(%err, "upgraded connection ended with an error"),
     }
