@@ -332,9 +332,11 @@ fn daemonset_settings_agree_with_each_other_and_with_nodeway() {
     let c = container(ds);
 
     assert_eq!(args(ds)[..2], ["run", "--kubernetes"]);
-    assert_eq!(pod["hostNetwork"], true);
+    // Its own network namespace: old and new pods of an upgrade run side
+    // by side without colliding on ports.
+    assert_ne!(pod["hostNetwork"], true);
     assert_eq!(pod["hostPID"], true);
-    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_ne!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert!(
         pod["tolerations"]
@@ -345,10 +347,13 @@ fn daemonset_settings_agree_with_each_other_and_with_nodeway() {
     );
     let strategy = &ds["spec"]["updateStrategy"];
     assert_eq!(strategy["type"], "RollingUpdate");
-    assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 1);
     assert_eq!(
-        strategy["rollingUpdate"]["maxSurge"], 0,
-        "host ports cannot surge"
+        (
+            &strategy["rollingUpdate"]["maxSurge"],
+            &strategy["rollingUpdate"]["maxUnavailable"]
+        ),
+        (&json!(1), &json!(0)),
+        "the new proxy starts before the old one stops"
     );
 
     // Node name from the downward API.
@@ -377,8 +382,11 @@ fn daemonset_settings_agree_with_each_other_and_with_nodeway() {
     assert!(flag(ds, "--admin-addr").starts_with("127.0.0.1:"));
     assert_eq!(container_port(ds, "http-metrics"), metrics);
     assert_eq!(container_port(ds, "http-health"), ready);
-    for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(c[probe]["httpGet"]["path"], "/healthz/ready", "{probe}");
+    for (probe, path) in [
+        ("readinessProbe", "/healthz/ready"),
+        ("livenessProbe", "/healthz/live"),
+    ] {
+        assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(c[probe]["httpGet"]["port"], ready, "{probe}");
     }
     let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
@@ -407,11 +415,12 @@ fn daemonset_settings_agree_with_each_other_and_with_nodeway() {
         "the proxy's own pods are never enrolled"
     );
 
-    // Draining: the grace period covers --drain-timeout with margin.
+    // Draining: the grace period covers --drain-timeout, the 2 s streams get
+    // to close after it and the 2 s log flush, with margin.
     let drain = flag(ds, "--drain-timeout");
     let drain: u64 = drain.strip_suffix('s').unwrap().parse().unwrap();
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(grace >= drain + 3, "grace {grace}s vs drain {drain}s");
+    assert!(grace >= drain + 5, "grace {grace}s vs drain {drain}s");
 
     // Privileges: named capabilities as root, not privileged.
     let sc = &c["securityContext"];
@@ -451,12 +460,29 @@ fn daemonset_settings_agree_with_each_other_and_with_nodeway() {
         .find(|v| v["name"] == mount["name"])
         .unwrap();
     assert_eq!(volume["hostPath"]["path"], "/sys/fs/cgroup");
-    for v in pod["volumes"].as_array().unwrap() {
-        assert_ne!(
-            v["hostPath"]["path"], "/sys/fs/bpf",
-            "nothing is pinned: bpffs is not needed"
-        );
-    }
+    // --bpf-pin-dir is on the host's bpffs, writable, so that the next
+    // Nodeway on the node finds the maps.
+    let pin_dir = flag(ds, "--bpf-pin-dir");
+    let mount_of = |host: &str| {
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["hostPath"]["path"] == host)
+            .unwrap_or_else(|| panic!("no hostPath volume {host}"));
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .unwrap_or_else(|| panic!("{host} is not mounted"))
+            .clone()
+    };
+    let bpffs = mount_of("/sys/fs/bpf");
+    assert!(pin_dir.starts_with(&format!("{}/", bpffs["mountPath"].as_str().unwrap())));
+    assert_ne!(bpffs["readOnly"], true);
+    // tcp_migrate_req is written through the host's /proc/sys/net.
+    assert_eq!(mount_of("/proc/sys/net")["mountPath"], "/host/proc/sys/net");
 
     cli_accepts(&args(ds));
 }

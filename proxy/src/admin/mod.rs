@@ -7,6 +7,7 @@
 //! | method and path | answer |
 //! |---|---|
 //! | `GET /ready`, `GET /healthz/ready` | `200 LIVE` once serving every pod to enroll, else `503 NOT READY` |
+//! | `GET /healthz/live` | `200 LIVE` |
 //! | `GET /config_dump` | JSON: generation, reload error, object counts, per client cluster the effective policy and its DestinationRule |
 //! | `GET /stats[?filter=RE][&source=W][&format=json]` | `cluster.<name>.<stat>: <value>` lines, summed over client pods |
 //! | `POST /reset_counters` | zeroes counters (gauges keep their value) |
@@ -48,7 +49,8 @@ pub use tokio_util::sync::CancellationToken;
 /// What the admin API serves, for `GET /help` and unknown paths.
 const HELP: &str = "\
 admin commands are:
-  GET  /ready, /healthz/ready       readiness
+  GET  /ready, /healthz/ready       readiness (every pod to enroll is served)
+  GET  /healthz/live                liveness
   GET  /redirect                    eBPF data path: attached programs and their ids, enrolled pods (JSON)
   GET  /config_dump                 configuration and each client cluster's effective policy (JSON)
   GET  /stats                       cluster stats, Envoy text form; ?filter=REGEX ?source=WORKLOAD ?format=json
@@ -89,7 +91,13 @@ pub async fn serve_readiness(
                 (&Method::GET | &Method::HEAD, "/healthz/ready" | "/ready") => {
                     readiness(&status, draining.is_cancelled())
                 }
-                _ => text(StatusCode::NOT_FOUND, "readiness: GET /healthz/ready\n"),
+                // Liveness: the process serves HTTP (readiness may be off
+                // for a while, e.g. a pod that cannot be enrolled).
+                (&Method::GET | &Method::HEAD, "/healthz/live") => text(StatusCode::OK, "LIVE\n"),
+                _ => text(
+                    StatusCode::NOT_FOUND,
+                    "readiness: GET /healthz/ready; liveness: GET /healthz/live\n",
+                ),
             };
             async move { reply }
         },
@@ -202,6 +210,7 @@ fn handle(req: &Request<Incoming>, proxy: &Proxy, status: &ConfigStatus) -> Resp
     let get = method == Method::GET || method == Method::HEAD;
     match req.uri().path() {
         "/ready" | "/healthz/ready" if get => readiness(status, false),
+        "/healthz/live" if get => text(StatusCode::OK, "LIVE\n"),
         "/" | "/help" if get => text(StatusCode::OK, HELP),
         "/config_dump" if get => json(&dump::config_dump(proxy, status)),
         "/redirect" if get => json(

@@ -135,13 +135,29 @@ pub fn bind_shared(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Where `net.ipv4.tcp_migrate_req` is written: the usual path, then a
+/// writable mount of the host's `/proc/sys/net` (a container's `/proc/sys`
+/// is read-only; the DaemonSet mounts the host's at `/host/proc/sys/net`).
+const MIGRATE_REQ_PATHS: [&str; 2] = [
+    "/proc/sys/net/ipv4/tcp_migrate_req",
+    "/host/proc/sys/net/ipv4/tcp_migrate_req",
+];
+
 /// Turns on `net.ipv4.tcp_migrate_req` (Linux 5.14) in the calling thread's
-/// network namespace (`/proc/sys/net` follows the opener's namespace). Best
-/// effort: without it, a handover may reset the few connections queued on
-/// the old listener as it closes.
+/// network namespace (`/proc/sys/net` follows the opener's namespace,
+/// whichever mount it is reached through). Best effort: without it, a
+/// handover may reset the few connections queued on the old listener as it
+/// closes.
 fn enable_request_migration() {
-    if let Err(err) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
-        tracing::debug!(%err, "cannot enable tcp_migrate_req");
+    let mut last = None;
+    for path in MIGRATE_REQ_PATHS {
+        match std::fs::write(path, "1") {
+            Ok(()) => return,
+            Err(err) => last = Some(err),
+        }
+    }
+    if let Some(err) = last {
+        tracing::debug!(%err, "cannot enable tcp_migrate_req: a handover may reset connections queued on the old listener");
     }
 }
 
