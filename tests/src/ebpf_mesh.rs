@@ -406,6 +406,7 @@ impl Mesh {
             name: name.to_owned(),
             child: Some(child),
             admin,
+            metrics,
             readiness,
             log: AccessLog::new(log),
             stderr_path,
@@ -548,6 +549,20 @@ impl Mesh {
         }
     }
 
+    /// Makes `next` the mesh's proxy (after an upgrade): its process, admin,
+    /// metrics and access log.
+    pub fn adopt(&mut self, mut next: Generation) {
+        if let Some(mut old) = self.proxy.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        self.proxy = next.child.take();
+        self.admin = next.admin;
+        self.metrics = next.metrics;
+        self.log = next.log.clone();
+        self.proxy_stderr = next.stderr_path.clone();
+    }
+
     /// SIGTERM to the proxy; waits for it to exit and returns its status.
     pub fn stop_proxy(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.proxy.take()?;
@@ -589,6 +604,7 @@ pub struct Generation {
     pub name: String,
     pub child: Option<Child>,
     pub admin: SocketAddr,
+    pub metrics: SocketAddr,
     pub readiness: SocketAddr,
     pub log: AccessLog,
     stderr_path: PathBuf,

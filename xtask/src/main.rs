@@ -413,7 +413,9 @@ fn ebpf_demo(once: bool) -> Result<Command> {
         .arg("--mock-upstream")
         .arg(bin.join("mock-upstream"))
         .arg("--pod-client")
-        .arg(bin.join("pod-client"));
+        .arg(bin.join("pod-client"))
+        .arg("--mixed-load")
+        .arg(bin.join("mixed-load"));
     if once {
         cmd.arg("--once");
     }

@@ -13,7 +13,12 @@
 //! 4. ejection: outlier detection ejected the faulty backend (which is then
 //!    restarted healthy and comes back after its ejection time);
 //! 5. locality failover: the client's traffic stays in its zone while zone-a
-//!    is healthy, and goes to zone-b once zone-a's backends are stopped.
+//!    is healthy, and goes to zone-b once zone-a's backends are stopped;
+//! 6. upgrade: Nodeway v1 → v2 (a second process takes over, then v1 gets
+//!    SIGTERM) under ~550 req/s of HTTP/1.1, HTTP/2, gRPC and
+//!    connection-per-request traffic and 20 TCP streams from the client pod
+//!    (`mixed-load`): no request fails, none bypasses the proxies (every one
+//!    is in v1's or v2's access log), no TCP stream breaks.
 //!
 //! Prints a summary; exits 1 if a check failed. Without `--once` it then
 //! keeps the mesh up (at most 10 minutes) until Enter or Ctrl-C and prints
@@ -31,13 +36,13 @@ use std::time::{Duration, Instant};
 
 use nodeway_tests::access_log::{Entry, field};
 use nodeway_tests::ebpf_mesh::{
-    BACKENDS, BYSTANDER, CLIENT, CLUSTER, Mesh, MeshOptions, SERVICE_FQDN, VIP,
+    BACKENDS, BYSTANDER, CLIENT, CLUSTER, ECHO_VIP, Mesh, MeshOptions, SERVICE_FQDN, VIP,
 };
 use nodeway_tests::topology::{require_root, wait_for_stdout_line};
 use serde_json::Value;
 
-const USAGE: &str =
-    "usage: ebpf-demo --nodeway PATH --mock-upstream PATH --pod-client PATH [--once]";
+const USAGE: &str = "usage: ebpf-demo --nodeway PATH --mock-upstream PATH --pod-client PATH \
+                     --mixed-load PATH [--once]";
 
 /// How long the mesh stays up for a look after the summary (without `--once`).
 const KEEP_UP: Duration = Duration::from_secs(600);
@@ -59,6 +64,7 @@ struct Args {
     nodeway: PathBuf,
     mock_upstream: PathBuf,
     pod_client: PathBuf,
+    mixed_load: PathBuf,
     once: bool,
 }
 
@@ -66,6 +72,7 @@ fn parse_args() -> Result<Args> {
     let mut nodeway = None;
     let mut mock_upstream = None;
     let mut pod_client = None;
+    let mut mixed_load = None;
     let mut once = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -74,15 +81,17 @@ fn parse_args() -> Result<Args> {
             "--nodeway" => nodeway = Some(value()?),
             "--mock-upstream" => mock_upstream = Some(value()?),
             "--pod-client" => pod_client = Some(value()?),
+            "--mixed-load" => mixed_load = Some(value()?),
             "--once" => once = true,
             _ => return Err(USAGE.to_owned()),
         }
     }
-    match (nodeway, mock_upstream, pod_client) {
-        (Some(nodeway), Some(mock_upstream), Some(pod_client)) => Ok(Args {
+    match (nodeway, mock_upstream, pod_client, mixed_load) {
+        (Some(nodeway), Some(mock_upstream), Some(pod_client), Some(mixed_load)) => Ok(Args {
             nodeway,
             mock_upstream,
             pod_client,
+            mixed_load,
             once,
         }),
         _ => Err(USAGE.to_owned()),
@@ -135,6 +144,7 @@ fn options(policy: Policy) -> MeshOptions {
     MeshOptions {
         extra_yaml: istio_yaml(policy),
         fail_rates,
+        echo_service: true,
         ..MeshOptions::default()
     }
 }
@@ -160,6 +170,7 @@ struct Demo {
     nodeway: PathBuf,
     mock_upstream: PathBuf,
     pod_client: PathBuf,
+    mixed_load: PathBuf,
 }
 
 fn interrupted() -> Result {
@@ -325,11 +336,21 @@ impl Demo {
         let (name, ip, _, _) = BACKENDS[i];
         self.stop_pod(name)?;
         let listen = format!("{ip}:8080");
+        let echo = format!("{ip}:{}", ECHO_VIP.port());
         let rate = fail_rate.to_string();
         let mut child = self.mesh.topo.spawn(
             name,
             &self.mock_upstream,
-            &["--listen", &listen, "--name", name, "--fail-rate", &rate],
+            &[
+                "--listen",
+                &listen,
+                "--name",
+                name,
+                "--fail-rate",
+                &rate,
+                "--echo",
+                &echo,
+            ],
         );
         wait_for_stdout_line(&mut child, "listening", Duration::from_secs(10));
         Ok(())
@@ -592,6 +613,91 @@ impl Demo {
         };
         Ok(vec![locality, failover])
     }
+
+    /// v1 → v2 under load: `mixed-load` in the client pod, v2 started next to
+    /// v1 and ready, then SIGTERM to v1.
+    fn upgrade(&mut self) -> Result<Check> {
+        self.restart_backend(0, 0.0)?;
+        self.restart_backend(1, 0.0)?;
+        let streams: u64 = 20;
+        let ids = self.mesh.dir.join("ids-upgrade");
+        let args: Vec<String> = [
+            "--http",
+            &VIP.to_string(),
+            "--authority",
+            SERVICE_FQDN,
+            "--tcp",
+            &ECHO_VIP.to_string(),
+            "--seconds",
+            "12",
+            "--tag",
+            "demo",
+            "--ids-file",
+            &ids.display().to_string(),
+            "--tcp-streams",
+            &streams.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let load = self.mesh.topo.spawn(CLIENT, &self.mixed_load, &args);
+        std::thread::sleep(Duration::from_secs(3));
+        interrupted()?;
+        let mut next = self.mesh.spawn_generation(&self.nodeway, "v2", &[]);
+        next.wait_ready(Duration::from_secs(30))?;
+        let v1_log = self.mesh.log.clone();
+        self.mesh.stop_proxy();
+        let out = load
+            .wait_with_output()
+            .map_err(|e| format!("mixed-load: {e}"))?;
+        let report: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "mixed-load output: {e}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let kinds = ["h1", "h2", "grpc", "conn"];
+        let sent: u64 = kinds
+            .iter()
+            .map(|k| report[k]["sent"].as_u64().unwrap_or(0))
+            .sum();
+        let failed: u64 = kinds
+            .iter()
+            .map(|k| report[k]["failed"].as_u64().unwrap_or(0))
+            .sum();
+        let tcp_failed = report["tcp"]["failed"].as_u64().unwrap_or(u64::MAX);
+        // Every answered request must be in v1's or v2's access log.
+        let answered: Vec<String> = std::fs::read_to_string(&ids)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let bypassed = loop {
+            let logged: std::collections::HashSet<String> = v1_log
+                .lines()
+                .into_iter()
+                .chain(next.log.lines())
+                .filter_map(|e| field(&e, "request_id").map(str::to_owned))
+                .collect();
+            let missing = answered.iter().filter(|id| !logged.contains(*id)).count();
+            if missing == 0 || Instant::now() > deadline {
+                break missing;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let kept = streams.saturating_sub(tcp_failed);
+        self.mesh.adopt(next);
+        Ok(Check {
+            name: "upgrade",
+            ok: failed == 0 && bypassed == 0 && tcp_failed == 0 && !answered.is_empty(),
+            text: format!(
+                "v1 → v2 under {} req/s: {failed} failed, {bypassed} bypassed of {sent}, \
+                 {kept}/{streams} TCP streams kept (to v1's drain deadline, then FIN)",
+                sent / 12
+            ),
+        })
+    }
 }
 
 /// Ctrl-C and SIGTERM set [`INTERRUPTED`] and send on `tx` (the demo then
@@ -683,6 +789,7 @@ fn run(
         nodeway: args.nodeway.clone(),
         mock_upstream: args.mock_upstream.clone(),
         pod_client: args.pod_client.clone(),
+        mixed_load: args.mixed_load.clone(),
     };
     let mut checks = Vec::new();
     for (phase, what) in [
@@ -700,6 +807,10 @@ fn run(
             "failover",
             "DestinationRule localityLbSetting enabled (baseEjectionTime 30s), then zone-a down",
         ),
+        (
+            "upgrade",
+            "zone-a back; Nodeway v2 starts next to v1, takes over, v1 gets SIGTERM, under load",
+        ),
     ] {
         println!("  {phase}: {what} …");
         flush();
@@ -708,7 +819,8 @@ fn run(
             "retries" => checks.push(demo.retries()?),
             "timeout" => checks.push(demo.timeout()?),
             "ejection" => checks.push(demo.ejection()?),
-            _ => checks.extend(demo.failover()?),
+            "failover" => checks.extend(demo.failover()?),
+            _ => checks.push(demo.upgrade()?),
         }
     }
     let all_ok = checks.iter().all(|c| c.ok);
