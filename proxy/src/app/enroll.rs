@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,6 +31,9 @@ struct PodEntry {
     netns_path: PathBuf,
     netns_id: (u64, u64),
     enrolled: Enrolled,
+    /// The inbound listener's socket (a second descriptor of it), to put
+    /// back into the capture map if another Nodeway's entry replaced it.
+    inbound: OwnedFd,
     /// Stops the pod's listeners (and drains their connections).
     stop: CancellationToken,
 }
@@ -173,7 +177,8 @@ impl Enroller {
             }
         }
         for (key, (workload, netns_path, netns_id)) in wanted {
-            if self.pods.contains_key(&key) {
+            if let Some(entry) = self.pods.get(&key) {
+                self.ebpf.restore_inbound(&entry.enrolled, &entry.inbound);
                 continue;
             }
             match self.enroll(workload, &netns_path, netns_id) {
@@ -210,6 +215,10 @@ impl Enroller {
         let inbound = netns
             .listen(inbound_addr)
             .map_err(|e| format!("listening on {inbound_addr} in the pod: {e}"))?;
+        let inbound_fd = inbound
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| format!("duplicating the inbound listener: {e}"))?;
         let ipv4 = workload.ips.iter().find_map(|ip| match ip {
             IpAddr::V4(v4) => Some(*v4),
             IpAddr::V6(_) => None,
@@ -248,6 +257,7 @@ impl Enroller {
             netns_path: netns_path.to_path_buf(),
             netns_id,
             enrolled,
+            inbound: inbound_fd,
             stop,
         })
     }

@@ -352,6 +352,22 @@ impl EbpfRedirect {
         Ok(enrolled)
     }
 
+    /// Puts a pod's inbound listener back into the map if its entry is gone:
+    /// during an upgrade the other process may have put its own there, which
+    /// the kernel removes when that socket closes. An entry that is there is
+    /// left alone (`BPF_NOEXIST`), so two processes never take turns.
+    pub fn restore_inbound(&self, enrolled: &Enrolled, listener: &impl AsRawFd) {
+        const BPF_NOEXIST: u64 = 1;
+        if let Some(ip) = enrolled.ipv4 {
+            let key = u32::from_ne_bytes(ip.octets());
+            let _ = self.inbound_listeners.lock().expect("map lock").insert(
+                key,
+                listener.as_raw_fd(),
+                BPF_NOEXIST,
+            );
+        }
+    }
+
     /// Stops redirecting new connections of a pod; open ones carry on.
     pub fn unenroll(&self, enrolled: Enrolled) {
         if let Err(err) = self

@@ -640,11 +640,22 @@ impl Demo {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let load = self.mesh.topo.spawn(CLIENT, &self.mixed_load, &args);
+        let mut load = self.mesh.topo.spawn(CLIENT, &self.mixed_load, &args);
         std::thread::sleep(Duration::from_secs(3));
-        interrupted()?;
-        let mut next = self.mesh.spawn_generation(&self.nodeway, "v2", &[]);
-        next.wait_ready(Duration::from_secs(30))?;
+        let mut start_v2 = || -> Result<_> {
+            interrupted()?;
+            let mut next = self.mesh.spawn_generation(&self.nodeway, "v2", &[]);
+            next.wait_ready(Duration::from_secs(30))?;
+            Ok(next)
+        };
+        let next = match start_v2() {
+            Ok(next) => next,
+            Err(e) => {
+                let _ = load.kill();
+                let _ = load.wait();
+                return Err(e);
+            }
+        };
         let v1_log = self.mesh.log.clone();
         self.mesh.stop_proxy();
         let out = load
