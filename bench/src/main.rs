@@ -23,6 +23,7 @@ mod model;
 mod plot;
 mod report;
 mod scenarios;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,7 +40,8 @@ fn main() -> ExitCode {
         Some("probe") => probe_cmd(&args[1..]),
         Some("backend") => backend::main(&args[1..]),
         Some("allocators") => allocators::main(&args[1..]),
-        _ => Err("usage: nodeway-bench run|gen|backend ...".to_owned()),
+        Some("upgrade") => upgrade::main(&args[1..]),
+        _ => Err("usage: nodeway-bench run|gen|backend|allocators|upgrade ...".to_owned()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -415,7 +415,7 @@ fn daemonset_settings_agree_with_each_other_and_with_nodeway() {
         "the proxy's own pods are never enrolled"
     );
 
-    // Draining: the grace period covers --drain-timeout, the 2 s streams get
+    // Draining: the grace period covers --drain-timeout, the 1 s streams get
     // to close after it and the 2 s log flush, with margin.
     let drain = flag(ds, "--drain-timeout");
     let drain: u64 = drain.strip_suffix('s').unwrap().parse().unwrap();

@@ -402,3 +402,73 @@ fn a_killed_proxy_fails_open_and_a_restart_restores_redirection() {
     check_no_leftovers(&mesh.pin_dir(), &second);
     drop(first);
 }
+
+/// A version whose shared maps differ from the running one's refuses to take
+/// over (naming the map and both layouts); pins nobody uses are removed.
+/// Maps made with bpftool stand in for another version's.
+#[test]
+fn a_different_map_layout_is_refused_and_stale_pins_are_removed() {
+    use nodeway::redirect::pins::{PinError, PinState, prepare};
+    require_root();
+    let dir = std::env::temp_dir().join(format!("nodeway-pins-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "cannot mount bpffs at {}", dir.display());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let pins = dir.join("nodeway");
+    let ours = nodeway::redirect::ebpf::object_layouts().expect("layouts of the embedded object");
+    std::fs::create_dir_all(&pins).unwrap();
+    // ENROLLED as another version might have it: a 16-byte value instead of 8.
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pins.join("ENROLLED"))
+        .args([
+            "type", "hash", "key", "8", "value", "16", "entries", "4096", "name", "ENROLLED",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(made, "bpftool map create");
+
+    let refused = prepare(&pins, &ours, |_| true).expect_err("a live process with another layout");
+    assert!(
+        matches!(
+            refused,
+            PinError::LayoutMismatch {
+                name: "ENROLLED",
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    let message = refused.to_string();
+    assert!(
+        message.contains("value 16 B")
+            && message.contains("value 8 B")
+            && message.contains("refuses to take over"),
+        "{message}"
+    );
+    assert!(
+        pins.join("ENROLLED").exists(),
+        "the running one's pins are untouched"
+    );
+
+    // Nobody uses it: left by a dead process, removed.
+    assert_eq!(
+        prepare(&pins, &ours, |_| false).unwrap(),
+        PinState::Fresh {
+            removed_stale: true
+        }
+    );
+    assert!(!pins.join("ENROLLED").exists());
+}

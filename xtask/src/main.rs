@@ -231,7 +231,15 @@ fn bench(flags: &[String]) -> Result {
         cmd.arg("--release");
     }
     run(cmd
-        .args(["-p", "nodeway", "-p", "nodeway-bench", "--bins"])
+        .args([
+            "-p",
+            "nodeway",
+            "-p",
+            "nodeway-bench",
+            "-p",
+            "nodeway-tests",
+            "--bins",
+        ])
         .current_dir(root()))?;
     let bin = target_dir().join(if smoke { "debug" } else { "release" });
     let out = target_dir().join(if smoke { "bench-smoke" } else { "bench" });
@@ -244,7 +252,23 @@ fn bench(flags: &[String]) -> Result {
     if let Some(m) = &mode {
         cmd.arg(m);
     }
-    run(&mut cmd)
+    run(&mut cmd)?;
+    // Upgrades under load: 10× the upgrade test's rate (a fifth of it for --smoke).
+    let mut upgrade = Command::new(bin.join("nodeway-bench"));
+    upgrade
+        .arg("upgrade")
+        .arg("--nodeway")
+        .arg(bin.join("nodeway"))
+        .arg("--mock-upstream")
+        .arg(bin.join("mock-upstream"))
+        .arg("--mixed-load")
+        .arg(bin.join("mixed-load"))
+        .arg("--out")
+        .arg(&out);
+    if smoke {
+        upgrade.args(["--scale", "0.2", "--seconds", "15"]);
+    }
+    run(&mut upgrade)
 }
 
 /// The cargo-fuzz targets of `fuzz/` (see its `Cargo.toml`).

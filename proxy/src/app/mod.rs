@@ -167,14 +167,15 @@ impl Running {
             .is_ok();
         if !drained {
             // TCP and upgraded streams were kept to the deadline: FIN now,
-            // and a moment for their clients to close their side.
+            // and as long as they read off what their clients still send.
             tracing::warn!(
                 timeout = ?self.drain_timeout,
                 open = self.connections.len(),
                 "drain deadline reached: closing the connections still open"
             );
             self.proxy.drain_deadline.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.connections.wait()).await;
+            let linger = crate::proxy::relay::LINGER + Duration::from_millis(100);
+            let _ = tokio::time::timeout(linger, self.connections.wait()).await;
         }
         // The finished requests' lines are queued; make sure they reach the file.
         let logger = self.proxy.logger.clone();

@@ -79,7 +79,7 @@ pub async fn relay(
 
 /// How long a connection closed at the drain deadline keeps reading what
 /// its client still sends, so that it ends with FIN, not a reset.
-const LINGER: Duration = Duration::from_secs(1);
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// How a relay of bytes both ways ended without an error.
 pub enum Ended {

@@ -407,15 +407,20 @@ impl EbpfRedirect {
     }
 }
 
+/// The layouts of the shared maps in the embedded programs.
+pub fn object_layouts() -> Result<std::collections::HashMap<&'static str, pins::Layout>, String> {
+    pins::object_layouts(PROGRAMS)
+}
+
 /// Checks the pin directory before loading. `Ok(None)`: pinning is not
 /// possible here (no bpffs), so the maps are private to this process.
 fn prepare_pins(dir: &Path) -> Result<Option<PinState>, EbpfError> {
-    let layouts = pins::object_layouts(PROGRAMS).map_err(|detail| EbpfError {
+    let layouts = object_layouts().map_err(|detail| EbpfError {
         step: "reading the map layouts of the eBPF object".into(),
         detail,
         hint: "rebuild: the object and the proxy are out of step",
     })?;
-    match pins::prepare(dir, &layouts) {
+    match pins::prepare(dir, &layouts, |id| pins::used_by_another_process(id, &[])) {
         Ok(state) => {
             match state {
                 PinState::Shared => {

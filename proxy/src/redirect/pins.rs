@@ -128,7 +128,13 @@ pub enum PinError {
 
 /// Checks `dir` (created if missing) before loading: pins of a live process
 /// must have this version's layouts; pins of a dead one are removed.
-pub fn prepare(dir: &Path, ours: &HashMap<&'static str, Layout>) -> Result<PinState, PinError> {
+/// `in_use(map_id)` says whether a live process uses a map
+/// ([`used_by_another_process`]).
+pub fn prepare(
+    dir: &Path,
+    ours: &HashMap<&'static str, Layout>,
+    in_use: impl Fn(u32) -> bool,
+) -> Result<PinState, PinError> {
     let io = |path: &Path, e: std::io::Error| PinError::Io {
         path: path.to_path_buf(),
         detail: e.to_string(),
@@ -139,7 +145,7 @@ pub fn prepare(dir: &Path, ours: &HashMap<&'static str, Layout>) -> Result<PinSt
     }
     let enrolled = dir.join("ENROLLED");
     let live = match pinned_layout(&enrolled) {
-        Ok((id, _)) => used_by_another_process(id, &[]),
+        Ok((id, _)) => in_use(id),
         Err(_) => false,
     };
     if live {

@@ -5,7 +5,7 @@
 //! ```text
 //! mixed-load --http VIP:PORT --authority HOST --tcp VIP:PORT --seconds S --tag T --ids-file F
 //!            [--h1-conns 8 --h1-rate 250] [--h2-conns 2 --h2-rate 150] [--grpc-rate 100]
-//!            [--new-conn-rate 50] [--tcp-streams 10]
+//!            [--new-conn-rate 50] [--tcp-streams 10] [--latency-file F]
 //! ```
 //!
 //! For `--seconds`, all at once, each at a fixed rate: HTTP/1.1 on
@@ -20,7 +20,9 @@
 //! A TCP stream the server ends with FIN between messages is reopened.
 //!
 //! Prints one JSON object: per kind `sent`, `ok`, `failed` and up to 5
-//! `errors`; for TCP also `messages` and `reopened`.
+//! `errors`; for TCP also `messages` and `reopened`; and `start_unix_ms`.
+//! With `--latency-file`, one line per answered HTTP request: its start (ms
+//! after `start_unix_ms`) and latency (µs).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -53,6 +55,7 @@ struct Args {
     seconds: u64,
     tag: String,
     ids_file: String,
+    latency_file: Option<String>,
     h1_conns: u32,
     h1_rate: u32,
     h2_conns: u32,
@@ -70,6 +73,7 @@ fn parse() -> Result<Args, String> {
         seconds: 10,
         tag: "load".into(),
         ids_file: String::new(),
+        latency_file: None,
         h1_conns: 8,
         h1_rate: 250,
         h2_conns: 2,
@@ -89,6 +93,7 @@ fn parse() -> Result<Args, String> {
             "--seconds" => a.seconds = u64::from(num(&v)?.clamp(1, 600)),
             "--tag" => a.tag = v,
             "--ids-file" => a.ids_file = v,
+            "--latency-file" => a.latency_file = Some(v),
             "--h1-conns" => a.h1_conns = num(&v)?.clamp(1, 1000),
             "--h1-rate" => a.h1_rate = num(&v)?.min(100_000),
             "--h2-conns" => a.h2_conns = num(&v)?.clamp(1, 100),
@@ -118,6 +123,23 @@ struct Tally {
     reopened: u64,
     errors: Vec<String>,
     ids: Vec<String>,
+    /// (start in ms after [`START`], latency in µs) of answered requests.
+    latencies: Vec<(u32, u32)>,
+}
+
+/// When the load started; latencies are placed in time relative to it.
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// [`record`] for a request that started at `started`: its latency is kept.
+fn record_timed(t: &Shared, id: Option<String>, started: Instant, result: Result<(), String>) {
+    if result.is_ok() {
+        let start = START.get().copied().unwrap_or(started);
+        let at =
+            u32::try_from(started.saturating_duration_since(start).as_millis()).unwrap_or(u32::MAX);
+        let took = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        t.lock().expect("tally").latencies.push((at, took));
+    }
+    record(t, id, result);
 }
 
 type Shared = Arc<Mutex<Tally>>;
@@ -201,6 +223,7 @@ async fn http1_worker(a: Arc<Args>, worker: u32, end: Instant, tally: Shared) {
         tick.tick().await;
         n += 1;
         let id = format!("{}-h1-{worker}-{n}", a.tag);
+        let started = Instant::now();
         let mut req = request(&a, &id, false);
         let result = loop {
             // A connection the server closed after its last response is
@@ -245,7 +268,7 @@ async fn http1_worker(a: Arc<Args>, worker: u32, end: Instant, tally: Shared) {
                 },
             }
         };
-        record(&tally, Some(id), result);
+        record_timed(&tally, Some(id), started, result);
     }
 }
 
@@ -277,6 +300,7 @@ async fn http2_worker(
         tick.tick().await;
         n += 1;
         let id = format!("{}-{kind}-{worker}-{n}", a.tag);
+        let started = Instant::now();
         let req = h2_request(&a, kind, &id);
         let send = loop {
             if sender.as_ref().is_none_or(|s| s.is_closed()) {
@@ -297,13 +321,13 @@ async fn http2_worker(
         };
         let tally = tally.clone();
         match send {
-            Err(e) => record(&tally, Some(id), Err(e)),
+            Err(e) => record_timed(&tally, Some(id), started, Err(e)),
             Ok(future) => {
                 let retry_addr = a.http;
                 let a = a.clone();
                 tasks.spawn(async move {
                     let Ok(sent) = tokio::time::timeout(REQUEST_TIMEOUT, future).await else {
-                        record(&tally, Some(id), Err("timeout".into()));
+                        record_timed(&tally, Some(id), started, Err("timeout".into()));
                         return;
                     };
                     let result = match sent {
@@ -339,7 +363,7 @@ async fn http2_worker(
                             None => Err(format!("request: {}", error_chain(e.error()))),
                         },
                     };
-                    record(&tally, Some(id), result);
+                    record_timed(&tally, Some(id), started, result);
                 });
             }
         }
@@ -422,6 +446,7 @@ async fn new_connection_worker(a: Arc<Args>, end: Instant, tally: Shared) {
         tick.tick().await;
         n += 1;
         let id = format!("{}-conn-{n}", a.tag);
+        let started = Instant::now();
         let a = a.clone();
         let tally = tally.clone();
         tasks.spawn(async move {
@@ -436,7 +461,7 @@ async fn new_connection_worker(a: Arc<Args>, end: Instant, tally: Shared) {
             let result = tokio::time::timeout(REQUEST_TIMEOUT, result)
                 .await
                 .unwrap_or_else(|_| Err("timeout".into()));
-            record(&tally, Some(id), result);
+            record_timed(&tally, Some(id), started, result);
         });
         while tasks.try_join_next().is_some() {}
     }
@@ -508,7 +533,11 @@ fn summary(t: &Tally) -> Value {
 
 async fn run(a: Args) -> Result<Value, String> {
     let a = Arc::new(a);
-    let end = Instant::now() + Duration::from_secs(a.seconds);
+    let start = *START.get_or_init(Instant::now);
+    let start_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let end = start + Duration::from_secs(a.seconds);
     let kinds = ["h1", "h2", "grpc", "conn", "tcp"];
     let tallies: BTreeMap<&str, Shared> = kinds.iter().map(|k| (*k, Shared::default())).collect();
     let mut tasks = tokio::task::JoinSet::new();
@@ -550,6 +579,7 @@ async fn run(a: Args) -> Result<Value, String> {
     while let Ok(Some(_)) = tokio::time::timeout_at(grace.into(), tasks.join_next()).await {}
     tasks.abort_all();
     let mut ids = String::new();
+    let mut latencies = String::new();
     let mut out = serde_json::Map::new();
     for (kind, tally) in &tallies {
         let t = tally.lock().expect("tally");
@@ -557,9 +587,18 @@ async fn run(a: Args) -> Result<Value, String> {
             ids.push_str(id);
             ids.push('\n');
         }
+        if a.latency_file.is_some() {
+            for (at, took) in &t.latencies {
+                latencies.push_str(&format!("{at} {took}\n"));
+            }
+        }
         out.insert((*kind).to_owned(), summary(&t));
     }
+    out.insert("start_unix_ms".into(), json!(start_unix_ms));
     std::fs::write(&a.ids_file, ids).map_err(|e| format!("{}: {e}", a.ids_file))?;
+    if let Some(path) = &a.latency_file {
+        std::fs::write(path, latencies).map_err(|e| format!("{path}: {e}"))?;
+    }
     Ok(Value::Object(out))
 }
 
