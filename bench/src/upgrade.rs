@@ -17,9 +17,7 @@ use std::process::Child;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nodeway_tests::access_log::field;
-use nodeway_tests::ebpf_mesh::{
-    CLIENT, CLIENT_B, ECHO_VIP, Generation, Mesh, MeshOptions, SERVICE_FQDN, VIP,
-};
+use nodeway_tests::ebpf_mesh::{CLIENT, CLIENT_B, Generation, Mesh, MeshOptions, mixed_load_args};
 use serde_json::{Value, json};
 
 struct Args {
@@ -85,25 +83,21 @@ fn unix_ms() -> u64 {
 fn load_args(a: &Args, tag: &str, ids: &Path, latencies: &Path) -> Vec<String> {
     let scaled = |base: f64| ((base * a.scale).round() as u64).max(1).to_string();
     let streams = ((10.0 * a.scale).round() as u64).clamp(1, 1000).to_string();
-    [
-        ("--http", VIP.to_string()),
-        ("--authority", SERVICE_FQDN.to_owned()),
-        ("--tcp", ECHO_VIP.to_string()),
-        ("--seconds", a.seconds.to_string()),
-        ("--tag", tag.to_owned()),
-        ("--ids-file", ids.display().to_string()),
-        ("--latency-file", latencies.display().to_string()),
-        ("--h1-conns", "8".into()),
-        ("--h1-rate", scaled(250.0)),
-        ("--h2-conns", "2".into()),
-        ("--h2-rate", scaled(150.0)),
-        ("--grpc-rate", scaled(100.0)),
-        ("--new-conn-rate", scaled(50.0)),
-        ("--tcp-streams", streams),
-    ]
-    .into_iter()
-    .flat_map(|(k, v)| [k.to_owned(), v])
-    .collect()
+    mixed_load_args(
+        tag,
+        a.seconds,
+        ids,
+        &[
+            ("--latency-file", latencies.display().to_string()),
+            ("--h1-conns", "8".into()),
+            ("--h1-rate", scaled(250.0)),
+            ("--h2-conns", "2".into()),
+            ("--h2-rate", scaled(150.0)),
+            ("--grpc-rate", scaled(100.0)),
+            ("--new-conn-rate", scaled(50.0)),
+            ("--tcp-streams", streams),
+        ],
+    )
 }
 
 fn generation(mesh: &mut Mesh, a: &Args, name: &str) -> Result<Generation, String> {

@@ -188,48 +188,59 @@ pub fn config_yaml(topo: &Topology, opts: &MeshOptions) -> String {
     for (name, ip, node, _) in BACKENDS {
         pod(name, "shop", "mock-server", ip, node);
     }
-    let _ = write!(
-        y,
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: mock-server\n  namespace: shop\n\
-         spec:\n  selector:\n    app: mock-server\n  clusterIP: {vip}\n  ports:\n    - name: web\n      \
-         port: {port}\n      targetPort: 8080\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: mock-server-1\n  \
-         namespace: shop\n  labels:\n    kubernetes.io/service-name: mock-server\naddressType: IPv4\n\
-         ports:\n  - name: web\n    port: 8080\n    protocol: TCP\nendpoints:\n",
-        vip = VIP.ip(),
-        port = VIP.port()
-    );
-    for (name, ip, node, zone) in BACKENDS {
-        let _ = write!(
-            y,
-            "  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n    nodeName: {node}\n    \
-             zone: {zone}\n    targetRef: {{kind: Pod, namespace: shop, name: {name}}}\n"
-        );
-    }
-    y.push_str("---\n");
+    service_yaml(&mut y, "mock-server", "web", VIP, 8080);
     if opts.echo_service {
-        let _ = write!(
-            y,
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: shop\n\
-             spec:\n  selector:\n    app: mock-server\n  clusterIP: {vip}\n  ports:\n    - name: tcp-echo\n      \
-             port: {port}\n      targetPort: 7000\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  \
-             namespace: shop\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\n\
-             ports:\n  - name: tcp-echo\n    port: 7000\n    protocol: TCP\nendpoints:\n",
-            vip = ECHO_VIP.ip(),
-            port = ECHO_VIP.port()
-        );
-        for (name, ip, node, zone) in BACKENDS {
-            let _ = write!(
-                y,
-                "  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n    nodeName: {node}\n    \
-                 zone: {zone}\n    targetRef: {{kind: Pod, namespace: shop, name: {name}}}\n"
-            );
-        }
-        y.push_str("---\n");
+        service_yaml(&mut y, "echo", "tcp-echo", ECHO_VIP, 7000);
     }
     y.push_str(&opts.extra_yaml);
     y
+}
+
+/// A Service `name.shop` at `vip` selecting the backends, and its
+/// EndpointSlice with every backend on `target_port`.
+fn service_yaml(y: &mut String, name: &str, port_name: &str, vip: SocketAddrV4, target_port: u16) {
+    let _ = write!(
+        y,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\n\
+         spec:\n  selector:\n    app: mock-server\n  clusterIP: {ip}\n  ports:\n    - name: {port_name}\n      \
+         port: {port}\n      targetPort: {target_port}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  \
+         namespace: shop\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\n\
+         ports:\n  - name: {port_name}\n    port: {target_port}\n    protocol: TCP\nendpoints:\n",
+        ip = vip.ip(),
+        port = vip.port()
+    );
+    for (pod, ip, node, zone) in BACKENDS {
+        let _ = write!(
+            y,
+            "  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n    nodeName: {node}\n    \
+             zone: {zone}\n    targetRef: {{kind: Pod, namespace: shop, name: {pod}}}\n"
+        );
+    }
+    y.push_str("---\n");
+}
+
+/// Arguments of `mixed-load` (tests/src/bin/mixed-load.rs) against the
+/// mesh's Services for `seconds`, its answered request ids into `ids`;
+/// `extra` adds or overrides options (rates, `--latency-file`).
+pub fn mixed_load_args(
+    tag: &str,
+    seconds: u64,
+    ids: &Path,
+    extra: &[(&str, String)],
+) -> Vec<String> {
+    [
+        ("--http", VIP.to_string()),
+        ("--authority", SERVICE_FQDN.to_owned()),
+        ("--tcp", ECHO_VIP.to_string()),
+        ("--seconds", seconds.to_string()),
+        ("--tag", tag.to_owned()),
+        ("--ids-file", ids.display().to_string()),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|(k, v)| (*k, v.clone())))
+    .flat_map(|(k, v)| [k.to_owned(), v])
+    .collect()
 }
 
 impl Mesh {

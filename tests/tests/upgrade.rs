@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nodeway_tests::access_log::field;
 use nodeway_tests::ebpf_mesh::{
-    CLIENT, CLIENT_B, CLUSTER, ECHO_VIP, Generation, Mesh, MeshOptions, SERVICE_FQDN, VIP,
+    CLIENT, CLIENT_B, CLUSTER, Generation, Mesh, MeshOptions, VIP, mixed_load_args,
 };
 use nodeway_tests::topology::require_root;
 use serde_json::Value;
@@ -33,23 +33,7 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 
 fn start_load(mesh: &Mesh, pod: &str, tag: &str, seconds: u64) -> (Child, PathBuf) {
     let ids = mesh.dir.join(format!("ids-{tag}"));
-    let args: Vec<String> = [
-        "--http",
-        &VIP.to_string(),
-        "--authority",
-        SERVICE_FQDN,
-        "--tcp",
-        &ECHO_VIP.to_string(),
-        "--seconds",
-        &seconds.to_string(),
-        "--tag",
-        tag,
-        "--ids-file",
-        &ids.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = mixed_load_args(tag, seconds, &ids, &[]);
     (mesh.topo.spawn(pod, bin("mixed-load"), &args), ids)
 }
 

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use nodeway_tests::access_log::{Entry, field};
 use nodeway_tests::ebpf_mesh::{
     BACKENDS, BYSTANDER, CLIENT, CLUSTER, ECHO_VIP, Mesh, MeshOptions, SERVICE_FQDN, VIP,
+    mixed_load_args,
 };
 use nodeway_tests::topology::{require_root, wait_for_stdout_line};
 use serde_json::Value;
@@ -621,25 +622,7 @@ impl Demo {
         self.restart_backend(1, 0.0)?;
         let streams: u64 = 20;
         let ids = self.mesh.dir.join("ids-upgrade");
-        let args: Vec<String> = [
-            "--http",
-            &VIP.to_string(),
-            "--authority",
-            SERVICE_FQDN,
-            "--tcp",
-            &ECHO_VIP.to_string(),
-            "--seconds",
-            "12",
-            "--tag",
-            "demo",
-            "--ids-file",
-            &ids.display().to_string(),
-            "--tcp-streams",
-            &streams.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let args = mixed_load_args("demo", 12, &ids, &[("--tcp-streams", streams.to_string())]);
         let mut load = self.mesh.topo.spawn(CLIENT, &self.mixed_load, &args);
         std::thread::sleep(Duration::from_secs(3));
         let mut start_v2 = || -> Result<_> {
