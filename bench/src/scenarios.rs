@@ -107,6 +107,8 @@ struct Plan {
     idle: usize,
     saturation_start: u64,
     saturation_max: u64,
+    /// Bystander runs per session.
+    bystander_repeats: usize,
 }
 
 impl Plan {
@@ -132,6 +134,10 @@ impl Plan {
             saturation_max: match mode {
                 Mode::Smoke => 2_000,
                 _ => 80_000,
+            },
+            bystander_repeats: match mode {
+                Mode::Smoke => 1,
+                _ => 5,
             },
         }
     }
@@ -277,16 +283,27 @@ fn session(world: &World, system: System, plan: &Plan, data: &mut Data) -> Resul
         plan.http1(system.faulty(), AUTHORITY_FAULTY, LOW_RATE, plan.run_ms),
     ));
     for (key, pod, load) in &loads {
-        let s = measure(world, &running, pod, load)?;
-        put(key, s, data);
+        // The bystander's cost is a few percent at most: repeated, so that
+        // its spread shows whether a difference is a cost or noise.
+        let repeats = if *key == "bystander" { plan.bystander_repeats } else { 1 };
+        for _ in 0..repeats {
+            let s = measure(world, &running, pod, load)?;
+            put(key, s, data);
+        }
     }
     if !resilience_only {
-        // After `h1_low`, whose p99 it compares with.
-        let sat = saturation(world, &running, plan, data)?;
-        data.scalars
-            .entry((system, "saturation"))
-            .or_default()
-            .push(sat);
+        // After `h1_low`, whose p99 it compares with. A search that finds
+        // no knee is a failed measurement: noted, never a value of 0.
+        match saturation(world, &running, plan, data)? {
+            Ok(sat) => data
+                .scalars
+                .entry((system, "saturation"))
+                .or_default()
+                .push(sat),
+            Err(why) => data
+                .notes
+                .push(format!("{} / saturation: not measured in this run: {why}", system.name())),
+        }
     }
     if !resilience_only {
         idle(world, &running, plan, data)?;
@@ -299,13 +316,24 @@ fn session(world: &World, system: System, plan: &Plan, data: &mut Data) -> Resul
 
 /// Scenario 3: the highest fixed rate (steps of ×1.25) at which p99 stays
 /// below twice this session's 1 000 req/s p99, errors below 0.1% and the
-/// rate is actually achieved.
-fn saturation(world: &World, running: &Running, plan: &Plan, data: &Data) -> Result<f64, String> {
+/// rate is actually achieved. The inner `Err` says why there is no figure:
+/// no baseline, or the criterion failing already at the start rate (no knee
+/// found, which must not read as "0 req/s").
+fn saturation(
+    world: &World,
+    running: &Running,
+    plan: &Plan,
+    data: &Data,
+) -> Result<Result<f64, String>, String> {
     let system = running.system;
-    let low_p99 = data
+    let Some(low_p99) = data
         .samples(system, "h1_low")
         .last()
-        .map_or(f64::MAX, |s| s.r.latency_us.p99);
+        .map(|s| s.r.latency_us.p99)
+        .filter(|p99| *p99 > 0.0)
+    else {
+        return Ok(Err("no 1 000 req/s p99 to compare with".into()));
+    };
     let step_ms = (plan.run_ms / 2).max(300);
     let passes = |rate: u64| -> Result<Option<f64>, String> {
         let r = world.load(
@@ -326,10 +354,18 @@ fn saturation(world: &World, running: &Running, plan: &Plan, data: &Data) -> Res
         }
         let next = rate * 5 / 4;
         if next > plan.saturation_max {
-            return Ok(best.map_or(0.0, |b| b.1));
+            return Ok(best
+                .map(|b| b.1)
+                .ok_or_else(|| "the search's range is empty".to_string()));
         }
         rate = next;
     };
+    if best.is_none() {
+        return Ok(Err(format!(
+            "the criterion failed already at the start rate of {failed} req/s \
+             (p99 over 2× the 1 000 req/s p99 of {low_p99:.0} µs, errors, or the rate not reached): no knee found"
+        )));
+    }
     // Two bisection steps between the last rate that passed and the first
     // that failed: about 6% resolution instead of the ×1.25 step.
     if let Some((mut low, _)) = best {
@@ -345,7 +381,9 @@ fn saturation(world: &World, running: &Running, plan: &Plan, data: &Data) -> Res
             }
         }
     }
-    Ok(best.map_or(0.0, |b| b.1))
+    Ok(best
+        .map(|b| b.1)
+        .ok_or_else(|| "no rate passed".to_string()))
 }
 
 /// Scenario 6: RSS before and while `plan.idle` keep-alive connections
@@ -952,6 +990,22 @@ fn build_report(plan: &Plan, d: &Data, scale: Scenario) -> Report {
     };
     let rate = |s: System| d.med(s, "bystander", |x| x.r.achieved_rate);
     let cost = |s: System| Some((1.0 - rate(s)? / rate(System::Direct)?) * 100.0);
+    // Noise: the spread (interquartile range) of the direct runs' own rates,
+    // as a percentage of their median. A cost inside it is not a cost.
+    let spread = {
+        let mut v: Vec<f64> = d
+            .samples(System::Direct, "bystander")
+            .iter()
+            .map(|x| x.r.achieved_rate)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        let q = |f: f64| v.get(((v.len() as f64 - 1.0) * f).round() as usize).copied();
+        match (q(0.25), q(0.75), median(v.clone())) {
+            (Some(lo), Some(hi), Some(m)) if m > 0.0 => Some((hi - lo) / m * 100.0),
+            _ => None,
+        }
+    };
+    let runs = d.samples(System::Direct, "bystander").len();
     for (label, s) in [
         ("not attached (no Nodeway)", System::Direct),
         ("attached (Nodeway, sockmap off)", System::Nodeway),
@@ -982,7 +1036,11 @@ fn build_report(plan: &Plan, d: &Data, scale: Scenario) -> Report {
                 `connect4` runs on every connect below the attach point and lets it pass)."
             .into(),
         tables: vec![t],
-        notes: vec![],
+        notes: vec![format!(
+            "{runs} runs per system (interleaved sessions × repeats); the direct runs' own \
+             spread (interquartile range / median) is {}: a cost smaller than that is noise.",
+            spread.map_or("–".into(), pct)
+        )],
     });
 
     scenarios.push(scale);
