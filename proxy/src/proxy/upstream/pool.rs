@@ -260,8 +260,9 @@ impl EndpointPool {
 
             if let Some(permit) = self.connection_slot(env) {
                 drop(pending.take());
-                return self
-                    .connect_and_send(env, protocol, req, permit, upgrade, local)
+                // Boxed: connecting and the handshakes make a large future,
+                // and the reuse path above should not carry (and copy) it.
+                return Box::pin(self.connect_and_send(env, protocol, req, permit, upgrade, local))
                     .await;
             }
 
