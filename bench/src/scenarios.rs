@@ -285,7 +285,11 @@ fn session(world: &World, system: System, plan: &Plan, data: &mut Data) -> Resul
     for (key, pod, load) in &loads {
         // The bystander's cost is a few percent at most: repeated, so that
         // its spread shows whether a difference is a cost or noise.
-        let repeats = if *key == "bystander" { plan.bystander_repeats } else { 1 };
+        let repeats = if *key == "bystander" {
+            plan.bystander_repeats
+        } else {
+            1
+        };
         for _ in 0..repeats {
             let s = measure(world, &running, pod, load)?;
             put(key, s, data);
@@ -300,9 +304,10 @@ fn session(world: &World, system: System, plan: &Plan, data: &mut Data) -> Resul
                 .entry((system, "saturation"))
                 .or_default()
                 .push(sat),
-            Err(why) => data
-                .notes
-                .push(format!("{} / saturation: not measured in this run: {why}", system.name())),
+            Err(why) => data.notes.push(format!(
+                "{} / saturation: not measured in this run: {why}",
+                system.name()
+            )),
         }
     }
     if !resilience_only {
@@ -999,7 +1004,10 @@ fn build_report(plan: &Plan, d: &Data, scale: Scenario) -> Report {
             .map(|x| x.r.achieved_rate)
             .collect();
         v.sort_by(f64::total_cmp);
-        let q = |f: f64| v.get(((v.len() as f64 - 1.0) * f).round() as usize).copied();
+        let q = |f: f64| {
+            v.get(((v.len() as f64 - 1.0) * f).round() as usize)
+                .copied()
+        };
         match (q(0.25), q(0.75), median(v.clone())) {
             (Some(lo), Some(hi), Some(m)) if m > 0.0 => Some((hi - lo) / m * 100.0),
             _ => None,

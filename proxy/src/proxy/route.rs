@@ -332,8 +332,9 @@ fn virtual_service_for<'a>(
             2
         }
     };
+    // Compared by reference: no key is cloned per request.
     candidates
-        .min_by_key(|vs| (rank(vs), vs.key.clone()))
+        .min_by(|a, b| (rank(a), &a.key).cmp(&(rank(b), &b.key)))
         .map(|vs| &**vs)
 }
 

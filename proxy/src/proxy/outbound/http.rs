@@ -37,12 +37,19 @@ pub async fn serve_request(
         conn.source_workload.clone(),
         conn.source_namespace.clone(),
     );
-    entry.method = Some(req.method().to_string());
-    entry.path = Some(
-        req.uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().path().to_string(), |p| p.to_string()),
-    );
+    // Fields only the access log shows are not built when it is off.
+    let logging = proxy.logger.is_enabled();
+    if logging {
+        entry.method = Some(req.method().to_string());
+        entry.path = Some(
+            req.uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_string(), |p| p.to_string()),
+        );
+        entry.user_agent = header_str(req.headers(), &header::USER_AGENT);
+        entry.x_forwarded_for =
+            header_str(req.headers(), &HeaderName::from_static("x-forwarded-for"));
+    }
     entry.protocol = Some(match req.version() {
         http::Version::HTTP_2 => "HTTP/2",
         http::Version::HTTP_10 => "HTTP/1.0",
@@ -52,20 +59,19 @@ pub async fn serve_request(
     entry.downstream_local_address = Some(conn.orig_dst.unwrap_or(conn.local));
     let authority = request_authority(&req);
     entry.authority = authority.clone();
-    entry.user_agent = header_str(req.headers(), &header::USER_AGENT);
-    entry.x_forwarded_for = header_str(req.headers(), &HeaderName::from_static("x-forwarded-for"));
-    let request_id = match header_str(req.headers(), &X_REQUEST_ID) {
-        Some(id) => id,
-        None => {
-            let id = uuid::Uuid::new_v4().to_string();
-            req.headers_mut().insert(
-                X_REQUEST_ID,
-                HeaderValue::from_str(&id).expect("uuid is a header value"),
-            );
-            id
-        }
+    // Envoy adds an `x-request-id` to requests without one, logged or not.
+    entry.request_id = if req.headers().contains_key(&X_REQUEST_ID) {
+        logging
+            .then(|| header_str(req.headers(), &X_REQUEST_ID))
+            .flatten()
+    } else {
+        let id = uuid::Uuid::new_v4().to_string();
+        req.headers_mut().insert(
+            X_REQUEST_ID,
+            HeaderValue::from_str(&id).expect("uuid is a header value"),
+        );
+        logging.then_some(id)
     };
-    entry.request_id = Some(request_id);
     let is_grpc = is_grpc(req.headers());
 
     let mut exchange = Box::new(Exchange {
