@@ -576,21 +576,26 @@ impl Mesh {
 
     /// SIGTERM to the proxy; waits for it to exit and returns its status.
     pub fn stop_proxy(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.proxy.take()?;
+        let child = self.proxy.take()?;
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                return child.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        wait_or_kill(child, Duration::from_secs(20))
+    }
+}
+
+/// Waits for `child` to exit; kills it after `within`.
+fn wait_or_kill(mut child: Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
         }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            return child.wait().ok();
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -660,18 +665,7 @@ impl Generation {
 
     /// Waits for the process to exit (killed after `within`).
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                return child.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_or_kill(self.child.take()?, within)
     }
 }
 
