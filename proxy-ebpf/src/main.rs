@@ -320,7 +320,10 @@ fn try_inbound(ctx: &SkLookupContext) -> Result<(), i32> {
         return Ok(());
     }
     let local_port = lookup.local_port as u16;
-    if local_port == OUTBOUND_PORT || local_port == nodeway_ebpf_common::INBOUND_PORT {
+    if local_port == OUTBOUND_PORT
+        || local_port == nodeway_ebpf_common::INBOUND_PORT
+        || local_port == nodeway_ebpf_common::INBOUND_PORT_ALT
+    {
         return Ok(());
     }
     INBOUND_LISTENERS.redirect_sk_lookup(ctx, lookup.local_ip4, 0)

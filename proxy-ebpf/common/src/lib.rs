@@ -10,6 +10,10 @@
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Port of the in-pod inbound listener that the `sk_lookup` program assigns to.
 pub const INBOUND_PORT: u16 = 15006;
+/// The inbound listener's port while another Nodeway holds [`INBOUND_PORT`]
+/// (during an upgrade). Inbound listeners do not share a port: `sk_lookup`
+/// must steer new connections to exactly the newest one.
+pub const INBOUND_PORT_ALT: u16 = 15008;
 /// Source address of the proxy's inbound forwards to the app; capture skips
 /// it (Istio uses the same address for the same purpose).
 pub const INBOUND_FORWARD_SRC: [u8; 4] = [127, 0, 0, 6];

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nodeway_ebpf_common::{ENROLLED_IPV6, INBOUND_PORT, OUTBOUND_PORT};
+use nodeway_ebpf_common::{ENROLLED_IPV6, INBOUND_PORT, INBOUND_PORT_ALT, OUTBOUND_PORT};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -211,10 +211,19 @@ impl Enroller {
         let outbound6 = netns
             .listen(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)))
             .ok();
-        let inbound_addr = SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT));
-        let inbound = netns
-            .listen(inbound_addr)
-            .map_err(|e| format!("listening on {inbound_addr} in the pod: {e}"))?;
+        // Not shared (no SO_REUSEPORT): in a reuseport group the kernel would
+        // spread the connections `sk_lookup` steers over an old Nodeway's
+        // listener too, and they would be cut at its drain deadline. So the
+        // new process takes the other of two ports and the capture map names
+        // its socket alone.
+        let inbound_on = |port: u16| netns.listen_exclusive(SocketAddr::from(([0, 0, 0, 0], port)));
+        let inbound = inbound_on(INBOUND_PORT)
+            .or_else(|_| inbound_on(INBOUND_PORT_ALT))
+            .map_err(|e| {
+                format!(
+                    "listening on 0.0.0.0:{INBOUND_PORT} or :{INBOUND_PORT_ALT} in the pod: {e}"
+                )
+            })?;
         let inbound_fd = inbound
             .as_fd()
             .try_clone_to_owned()

@@ -237,6 +237,6 @@ pub struct ListenerPod {
 /// there would come straight back (the eBPF hooks skip these ports, so only a
 /// client naming them itself gets here).
 pub(crate) fn is_self_call(dst: SocketAddr) -> bool {
-    use nodeway_ebpf_common::{INBOUND_PORT, OUTBOUND_PORT};
-    dst.port() == OUTBOUND_PORT || dst.port() == INBOUND_PORT
+    use nodeway_ebpf_common::{INBOUND_PORT, INBOUND_PORT_ALT, OUTBOUND_PORT};
+    [OUTBOUND_PORT, INBOUND_PORT, INBOUND_PORT_ALT].contains(&dst.port())
 }

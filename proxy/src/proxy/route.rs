@@ -221,14 +221,19 @@ pub struct RouteDecision {
 }
 
 impl RouteDecision {
-    /// Istio's cluster name: `outbound|8080|subset|svc.ns.svc.cluster.local`.
-    pub fn cluster_name(&self) -> String {
-        format!(
-            "outbound|{}|{}|{}",
-            self.target.port(),
-            self.subset.as_deref().unwrap_or(""),
-            self.target.service.fqdn
-        )
+    /// Istio's cluster name: `outbound|8080|subset|svc.ns.svc.cluster.local`
+    /// (without a subset, the one the Service port keeps).
+    pub fn cluster_name(&self) -> Arc<str> {
+        match self.subset.as_deref() {
+            None => self.target.service.ports[self.target.port_idx]
+                .cluster_name
+                .clone(),
+            Some(subset) => Arc::from(format!(
+                "outbound|{}|{subset}|{}",
+                self.target.port(),
+                self.target.service.fqdn
+            )),
+        }
     }
 }
 

@@ -161,6 +161,22 @@ fn enable_request_migration() {
     }
 }
 
+impl Netns {
+    /// A listening socket bound to `addr` inside the namespace, not shared
+    /// with another process (no `SO_REUSEPORT`).
+    pub fn listen_exclusive(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let socket = self.run(|| -> io::Result<Socket> {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            Ok(socket)
+        })??;
+        socket.set_nonblocking(true)?;
+        TcpListener::from_std(socket.into())
+    }
+}
+
 /// `SO_NETNS_COOKIE` of a socket: which namespace it lives in.
 pub fn netns_cookie(socket: &impl AsFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;

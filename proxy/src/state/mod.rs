@@ -104,6 +104,9 @@ pub struct ServicePort {
     pub protocol: AppProtocol,
     /// Ready and not-ready endpoints of this port (targetPort already resolved).
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Istio's cluster name of this port without a subset
+    /// (`outbound|PORT||FQDN`), made once instead of per request.
+    pub cluster_name: Arc<str>,
 }
 
 #[derive(Debug)]

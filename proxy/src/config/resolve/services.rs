@@ -129,6 +129,7 @@ pub(super) fn build_services<'o>(
         }
 
         let contributions = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let fqdn = format!("{}.{}.svc.{}", key.name, key.namespace, opts.cluster_domain);
         let mut ports = Vec::new();
         for (i, port) in spec
             .and_then(|s| s.ports.as_deref())
@@ -150,13 +151,13 @@ pub(super) fn build_services<'o>(
                 endpoints: port_endpoints(name.as_deref().unwrap_or(""), contributions),
                 name,
                 port: number,
+                cluster_name: Arc::from(format!("outbound|{number}||{fqdn}")),
             });
         }
         if cx.failed() {
             continue;
         }
 
-        let fqdn = format!("{}.{}.svc.{}", key.name, key.namespace, opts.cluster_domain);
         let service = Arc::new(Service {
             key: key.clone(),
             fqdn,

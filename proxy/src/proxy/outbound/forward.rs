@@ -196,7 +196,7 @@ impl<'a> Forwarder<'a> {
             is_grpc,
             on_upgrade,
         } = request;
-        let cluster_name: Arc<str> = Arc::from(decision.cluster_name());
+        let cluster_name: Arc<str> = decision.cluster_name();
         exchange.entry.upstream_cluster = Some(cluster_name.clone());
         let client_ns: &str = conn
             .client

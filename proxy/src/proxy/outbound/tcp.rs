@@ -44,7 +44,7 @@ pub(super) async fn serve_service(
         timeout: None,
         retry: default_retry_policy(),
     };
-    let cluster_name: Arc<str> = Arc::from(decision.cluster_name());
+    let cluster_name: Arc<str> = decision.cluster_name();
     entry.upstream_cluster = Some(cluster_name.clone());
     let snap = proxy.snapshot.load_full();
     let client_ns = ctx
