@@ -456,3 +456,38 @@ fn a_different_map_layout_is_refused_and_stale_pins_are_removed() {
     );
     assert!(!pins.join("ENROLLED").exists());
 }
+
+/// While two generations run, new inbound connections (here: a bystander's,
+/// to a backend pod, captured by `sk_lookup`) reach only the newest one. The
+/// inbound listeners once shared a reuseport group and the kernel spread
+/// them over the old one too, whose drain deadline then cut them.
+#[test]
+fn new_inbound_connections_reach_only_the_newest_proxy() {
+    use nodeway_tests::ebpf_mesh::{BACKENDS, BYSTANDER};
+    require_root();
+    let mut mesh = Mesh::build(&bin("mock-upstream"), MeshOptions::default());
+    let old = ready(&mut mesh, "v1");
+    let new = ready(&mut mesh, "v2");
+    let url = format!("http://{}:8080/status/200", BACKENDS[0].1);
+    let n = 20;
+    for _ in 0..n {
+        let reply = mesh.pod_client(&bin("pod-client"), BYSTANDER, &["http", &url]);
+        assert_eq!(reply["status"], 200, "{reply}");
+    }
+    let inbound = |g: &Generation| {
+        g.log
+            .lines()
+            .iter()
+            .filter(|e| field(e, "upstream_cluster") == Some("inbound|8080||"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while inbound(&new) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        (inbound(&old), inbound(&new)),
+        (0, n),
+        "inbound lines in v1's and v2's logs"
+    );
+}
